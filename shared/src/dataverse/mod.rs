@@ -1,0 +1,4 @@
+//! The Dataverse Web API client.
+
+pub mod odata;
+pub mod retry;

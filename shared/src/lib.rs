@@ -1,0 +1,6 @@
+//! The library every connect-dynamics function stands on.
+
+pub mod dataverse;
+pub mod phone;
+pub mod secret;
+pub mod template;
