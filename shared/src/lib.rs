@@ -4,3 +4,5 @@ pub mod dataverse;
 pub mod phone;
 pub mod secret;
 pub mod template;
+pub mod mapping;
+pub mod config;

@@ -1,0 +1,638 @@
+//! The one YAML configuration document, parsed and validated once per container.
+//!
+//! Every error names the exact key path (`contact.ended.body.actualend`), so an
+//! operator can fix a deployment from the first log line. Secrets are never in the
+//! document: it names where they live (an environment variable or Secrets Manager).
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+use url::Url;
+use uuid::Uuid;
+
+use crate::dataverse::odata::{EntitySet, Identifier};
+use crate::mapping::EntityMapping;
+use crate::phone::PhoneNormalizer;
+use crate::secret::Secret;
+use crate::template::{PayloadTemplate, Templates, TextTemplate};
+
+/// The environment variable that locates the document: a file path, or `s3://bucket/key`.
+pub const CONFIG_LOCATION_VAR: &str = "CONNECT_DYNAMICS_CONFIG";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: `{path}`: {message}")]
+    Invalid { path: String, message: String },
+    #[error("configuration could not be read from {location}: {message}")]
+    Unreadable { location: String, message: String },
+}
+
+impl ConfigError {
+    fn at(path: impl Into<String>, message: impl ToString) -> Self {
+        Self::Invalid {
+            path: path.into(),
+            message: message.to_string(),
+        }
+    }
+
+    /// The key path an `Invalid` error names.
+    pub fn path(&self) -> Option<&str> {
+        match self {
+            Self::Invalid { path, .. } => Some(path),
+            Self::Unreadable { .. } => None,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The document as written.
+// ---------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Document {
+    dynamics: DynamicsDocument,
+    #[serde(default)]
+    phone: PhoneDocument,
+    #[serde(default)]
+    contact: ContactDocument,
+    #[serde(default)]
+    directory: DirectoryDocument,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DynamicsDocument {
+    url: String,
+    tenant_id: String,
+    client_id: String,
+    credential: Credential,
+    #[serde(default)]
+    token_url: Option<String>,
+    #[serde(default = "default_api_version")]
+    api_version: String,
+    #[serde(default)]
+    app_id: Option<Uuid>,
+    #[serde(default = "default_request_timeout_ms")]
+    request_timeout_ms: u64,
+    #[serde(default = "default_max_attempts")]
+    max_attempts: u32,
+    /// The integration's own application user: its saves are not echoed back.
+    #[serde(default)]
+    application_user_id: Option<Uuid>,
+}
+
+fn default_api_version() -> String {
+    "v9.2".into()
+}
+fn default_request_timeout_ms() -> u64 {
+    10_000
+}
+fn default_max_attempts() -> u32 {
+    6
+}
+
+/// How the application authenticates to Entra ID.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Credential {
+    ClientSecret(SecretRef),
+    /// A certificate registered on the app: the client signs an assertion (RS256)
+    /// with the private key; the thumbprint is the certificate's SHA-1 hex.
+    Certificate { thumbprint: String, private_key: SecretRef },
+}
+
+/// Where a secret lives. Never the secret itself.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum SecretRef {
+    /// An environment variable's name.
+    Env(String),
+    /// A Secrets Manager secret's ARN or name (the whole `SecretString`).
+    SecretsManager(String),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PhoneDocument {
+    #[serde(default = "default_country_code")]
+    default_country_code: String,
+}
+
+impl Default for PhoneDocument {
+    fn default() -> Self {
+        Self {
+            default_country_code: default_country_code(),
+        }
+    }
+}
+
+fn default_country_code() -> String {
+    "1".into()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ContactDocument {
+    #[serde(default = "default_activity_set")]
+    entity_set: EntitySet,
+    #[serde(default = "default_activity_name")]
+    logical_name: Identifier,
+    #[serde(default = "default_screen_pop")]
+    screen_pop_url: String,
+    #[serde(default = "default_state_ttl_days")]
+    state_ttl_days: u32,
+    #[serde(default = "default_created")]
+    created: StepDocument,
+    #[serde(default = "default_answered")]
+    answered: StepDocument,
+    #[serde(default = "default_ended")]
+    ended: EndedDocument,
+    #[serde(default = "default_recording")]
+    recording: StepDocument,
+}
+
+impl Default for ContactDocument {
+    fn default() -> Self {
+        Self {
+            entity_set: default_activity_set(),
+            logical_name: default_activity_name(),
+            screen_pop_url: default_screen_pop(),
+            state_ttl_days: default_state_ttl_days(),
+            created: default_created(),
+            answered: default_answered(),
+            ended: default_ended(),
+            recording: default_recording(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StepDocument {
+    body: Value,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EndedDocument {
+    body: Value,
+    /// The state change that closes the activity, written last; none keeps it open.
+    #[serde(default)]
+    close: Option<Value>,
+}
+
+fn default_activity_set() -> EntitySet {
+    EntitySet::new("phonecalls").expect("a literal identifier")
+}
+fn default_activity_name() -> Identifier {
+    Identifier::new("phonecall").expect("a literal identifier")
+}
+fn default_screen_pop() -> String {
+    "{{ org_url }}/main.aspx?{% if app_id %}appid={{ app_id }}&{% endif %}pagetype=entityrecord&etn={{ record.entity }}&id={{ record.id }}".into()
+}
+fn default_state_ttl_days() -> u32 {
+    30
+}
+fn default_created() -> StepDocument {
+    StepDocument {
+        body: json!({
+            "subject": "{{ Channel | lower }} contact {{ CustomerEndpoint | default('from an unknown number') }}",
+            "phonenumber": "{{ CustomerEndpoint | default(none) }}",
+            "directioncode": "{{ InitiationMethod == 'OUTBOUND' }}",
+            "actualstart": "{{ InitiationTimestamp | datetime }}",
+            "description": "Amazon Connect contact {{ ContactId }} ({{ Channel }}, {{ InitiationMethod }})",
+        }),
+    }
+}
+fn default_answered() -> StepDocument {
+    StepDocument {
+        body: json!({
+            "description": "Amazon Connect contact {{ ContactId }} ({{ Channel }}, {{ InitiationMethod }}), answered by {{ agent.username | default(agent.id) }} at {{ ConnectedToAgentTimestamp | datetime }}",
+        }),
+    }
+}
+fn default_ended() -> EndedDocument {
+    EndedDocument {
+        body: json!({
+            "actualend": "{{ DisconnectTimestamp | datetime }}",
+            "actualdurationminutes": "{{ DurationMinutes }}",
+        }),
+        close: Some(json!({
+            "statecode": 1,
+            "statuscode": "{{ 2 if InitiationMethod == 'OUTBOUND' else 4 }}",
+        })),
+    }
+}
+fn default_recording() -> StepDocument {
+    StepDocument {
+        body: json!({ "description": "Amazon Connect contact {{ ContactId }}: {{ recording.kind }} at {{ recording.url }}" }),
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct DirectoryDocument {
+    #[serde(default)]
+    entities: Option<Vec<EntityMapping>>,
+}
+
+fn default_directory() -> Vec<EntityMapping> {
+    parse_yaml(
+        "
+- { entity_set: contacts, logical_name: contact, key: contactid, name: fullname,
+    phones: [telephone1, telephone2, mobilephone], priority: 1 }
+- { entity_set: accounts, logical_name: account, key: accountid, name: name,
+    phones: [telephone1, telephone2], priority: 2 }
+",
+    )
+    .expect("the built-in directory mapping parses")
+}
+
+// ---------------------------------------------------------------------------
+// The validated configuration.
+// ---------------------------------------------------------------------------
+
+/// The validated configuration: templates compiled, URLs checked, names validated.
+#[derive(Debug)]
+pub struct Config {
+    pub dynamics: DynamicsConfig,
+    pub phones: PhoneNormalizer,
+    pub contact: ContactConfig,
+    pub directory: Vec<EntityMapping>,
+    pub templates: Templates,
+}
+
+#[derive(Debug, Clone)]
+pub struct DynamicsConfig {
+    /// The organisation URL without a trailing slash (`https://contoso.crm.dynamics.com`).
+    pub org_url: String,
+    /// `<org>/api/data/v9.2/`, with the trailing slash.
+    pub api_base: Url,
+    pub tenant_id: String,
+    pub client_id: String,
+    pub credential: Credential,
+    pub token_url: Url,
+    /// `<org>/.default`.
+    pub scope: String,
+    pub app_id: Option<Uuid>,
+    pub request_timeout: Duration,
+    pub max_attempts: u32,
+    pub application_user_id: Option<Uuid>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ContactConfig {
+    pub entity_set: EntitySet,
+    pub logical_name: Identifier,
+    pub screen_pop_url: TextTemplate,
+    pub state_ttl_days: u32,
+    pub created: PayloadTemplate,
+    pub answered: PayloadTemplate,
+    pub ended: PayloadTemplate,
+    pub close: Option<PayloadTemplate>,
+    pub recording: PayloadTemplate,
+}
+
+impl Config {
+    /// Parses and validates a YAML document.
+    pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        let document: Document = parse_yaml(text)?;
+        Self::validate(document)
+    }
+
+    fn validate(document: Document) -> Result<Self, ConfigError> {
+        let dynamics = validate_dynamics(document.dynamics)?;
+        let phones = PhoneNormalizer::new(&document.phone.default_country_code)
+            .map_err(|e| ConfigError::at("phone.default_country_code", e))?;
+        let mut templates = Templates::new(phones.clone());
+        let contact_document = document.contact;
+        let mut payload = |path: &str, body: &Value| -> Result<PayloadTemplate, ConfigError> {
+            if !body.is_object() {
+                return Err(ConfigError::at(path, "must be a JSON object (the request body)"));
+            }
+            templates
+                .compile_payload(path, body)
+                .map_err(|e| ConfigError::at(e.path().to_owned(), e))
+        };
+        let created = payload("contact.created.body", &contact_document.created.body)?;
+        let answered = payload("contact.answered.body", &contact_document.answered.body)?;
+        let ended = payload("contact.ended.body", &contact_document.ended.body)?;
+        let close = contact_document
+            .ended
+            .close
+            .as_ref()
+            .map(|close| payload("contact.ended.close", close))
+            .transpose()?;
+        let recording = payload("contact.recording.body", &contact_document.recording.body)?;
+        let screen_pop_url = templates
+            .compile_text("contact.screen_pop_url", &contact_document.screen_pop_url)
+            .map_err(|e| ConfigError::at("contact.screen_pop_url", e))?;
+        if contact_document.state_ttl_days == 0 {
+            return Err(ConfigError::at("contact.state_ttl_days", "must be at least 1"));
+        }
+        let directory = document.directory.entities.unwrap_or_else(default_directory);
+        validate_directory(&directory)?;
+        Ok(Self {
+            dynamics,
+            phones,
+            contact: ContactConfig {
+                entity_set: contact_document.entity_set,
+                logical_name: contact_document.logical_name,
+                screen_pop_url,
+                state_ttl_days: contact_document.state_ttl_days,
+                created,
+                answered,
+                ended,
+                close,
+                recording,
+            },
+            directory,
+            templates,
+        })
+    }
+
+    /// Reads the document from where `CONNECT_DYNAMICS_CONFIG` points: a file, or
+    /// `s3://bucket/key` (read with the given S3 client).
+    pub async fn load(location: &str, s3: Option<&aws_sdk_s3::Client>) -> Result<Self, ConfigError> {
+        let unreadable = |message: String| ConfigError::Unreadable {
+            location: location.to_owned(),
+            message,
+        };
+        let text = if let Some(object) = location.strip_prefix("s3://") {
+            let (bucket, key) = object
+                .split_once('/')
+                .filter(|(bucket, key)| !bucket.is_empty() && !key.is_empty())
+                .ok_or_else(|| unreadable("expected s3://bucket/key".into()))?;
+            let s3 = s3.ok_or_else(|| unreadable("no S3 client".into()))?;
+            let object = s3
+                .get_object()
+                .bucket(bucket)
+                .key(key)
+                .send()
+                .await
+                .map_err(|e| unreadable(aws_sdk_s3::error::DisplayErrorContext(e).to_string()))?;
+            let bytes = object
+                .body
+                .collect()
+                .await
+                .map_err(|e| unreadable(e.to_string()))?
+                .into_bytes();
+            String::from_utf8(bytes.to_vec()).map_err(|e| unreadable(e.to_string()))?
+        } else {
+            std::fs::read_to_string(location).map_err(|e| unreadable(e.to_string()))?
+        };
+        Self::from_yaml(&text)
+    }
+
+    /// The entity mapping for a logical name (`contact`), if it is mapped.
+    pub fn mapping_for(&self, logical_name: &str) -> Option<&EntityMapping> {
+        self.directory.iter().find(|m| m.logical_name.as_str() == logical_name)
+    }
+}
+
+fn validate_dynamics(document: DynamicsDocument) -> Result<DynamicsConfig, ConfigError> {
+    let org = parse_service_url("dynamics.url", &document.url)?;
+    if org.path() != "/" || org.query().is_some() {
+        return Err(ConfigError::at(
+            "dynamics.url",
+            "must be the organisation URL alone, e.g. https://contoso.crm.dynamics.com",
+        ));
+    }
+    let org_url = org.as_str().trim_end_matches('/').to_owned();
+    let version = document.api_version.trim_start_matches('v');
+    let version_ok = !version.is_empty() && version.split('.').all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    if !version_ok {
+        return Err(ConfigError::at("dynamics.api_version", "must look like v9.2"));
+    }
+    let api_base = Url::parse(&format!("{org_url}/api/data/v{version}/"))
+        .map_err(|e| ConfigError::at("dynamics.url", e))?;
+    let tenant = document.tenant_id.trim();
+    let tenant_ok = !tenant.is_empty() && tenant.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+    if !tenant_ok {
+        return Err(ConfigError::at("dynamics.tenant_id", "must be the tenant GUID or its domain name"));
+    }
+    if Uuid::try_parse(document.client_id.trim()).is_err() {
+        return Err(ConfigError::at("dynamics.client_id", "must be the application (client) id, a GUID"));
+    }
+    let token_url = match &document.token_url {
+        Some(url) => parse_service_url("dynamics.token_url", url)?,
+        None => Url::parse(&format!("https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token"))
+            .map_err(|e| ConfigError::at("dynamics.tenant_id", e))?,
+    };
+    match &document.credential {
+        Credential::ClientSecret(secret) => validate_secret_ref("dynamics.credential.client_secret", secret)?,
+        Credential::Certificate { thumbprint, private_key } => {
+            let bytes = hex::decode(thumbprint.replace(':', "")).ok().filter(|b| b.len() == 20);
+            if bytes.is_none() {
+                return Err(ConfigError::at(
+                    "dynamics.credential.certificate.thumbprint",
+                    "must be the certificate's SHA-1 thumbprint, 40 hex digits",
+                ));
+            }
+            validate_secret_ref("dynamics.credential.certificate.private_key", private_key)?;
+        }
+    }
+    if !(1..=20).contains(&document.max_attempts) {
+        return Err(ConfigError::at("dynamics.max_attempts", "must be between 1 and 20"));
+    }
+    if !(100..=120_000).contains(&document.request_timeout_ms) {
+        return Err(ConfigError::at("dynamics.request_timeout_ms", "must be between 100 and 120000"));
+    }
+    Ok(DynamicsConfig {
+        scope: format!("{org_url}/.default"),
+        org_url,
+        api_base,
+        tenant_id: tenant.to_owned(),
+        client_id: document.client_id.trim().to_owned(),
+        credential: document.credential,
+        token_url,
+        app_id: document.app_id,
+        request_timeout: Duration::from_millis(document.request_timeout_ms),
+        max_attempts: document.max_attempts,
+        application_user_id: document.application_user_id,
+    })
+}
+
+/// A service URL must be https; plain http only on loopback (the emulator).
+fn parse_service_url(path: &str, text: &str) -> Result<Url, ConfigError> {
+    let url = Url::parse(text.trim()).map_err(|e| ConfigError::at(path, format!("`{text}` is not a URL: {e}")))?;
+    let loopback = match url.host() {
+        Some(url::Host::Domain(domain)) => domain == "localhost",
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    };
+    match url.scheme() {
+        "https" => Ok(url),
+        "http" if loopback => Ok(url),
+        _ => Err(ConfigError::at(path, format!("`{text}` must be an https URL"))),
+    }
+}
+
+fn validate_secret_ref(path: &str, secret: &SecretRef) -> Result<(), ConfigError> {
+    match secret {
+        SecretRef::Env(name) if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') => {
+            Err(ConfigError::at(format!("{path}.env"), "must be an environment variable name"))
+        }
+        SecretRef::SecretsManager(id) if id.trim().is_empty() => {
+            Err(ConfigError::at(format!("{path}.secrets_manager"), "must be a secret ARN or name"))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn validate_directory(entities: &[EntityMapping]) -> Result<(), ConfigError> {
+    let mut names = BTreeSet::new();
+    for (index, mapping) in entities.iter().enumerate() {
+        if !names.insert(mapping.logical_name.as_str()) {
+            return Err(ConfigError::at(
+                format!("directory.entities[{index}].logical_name"),
+                format!("`{}` is mapped twice", mapping.logical_name),
+            ));
+        }
+        if mapping.phones.is_empty() {
+            return Err(ConfigError::at(
+                format!("directory.entities[{index}].phones"),
+                "needs at least one phone column",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Deserialises YAML, writing enums as one-key maps (`client_secret: {env: X}`)
+/// and naming the exact key path of any error.
+pub(crate) fn parse_yaml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, ConfigError> {
+    let mut track = serde_path_to_error::Track::new();
+    let tracked = serde_path_to_error::Deserializer::new(serde_norway::Deserializer::from_str(text), &mut track);
+    serde_norway::with::singleton_map_recursive::deserialize(tracked).map_err(|error: serde_norway::Error| {
+        let path = track.path().to_string();
+        // serde_norway's message may repeat the path; it ends with the line and column, which help.
+        let message = error.to_string();
+        let message = message
+            .split_once(": ")
+            .filter(|(prefix, _)| !prefix.contains(' '))
+            .map_or(message.as_str(), |(_, rest)| rest)
+            .to_owned();
+        ConfigError::at(if path == "." { "(document)".into() } else { path }, message)
+    })
+}
+
+impl SecretRef {
+    /// Resolves the secret: from the environment, or from Secrets Manager.
+    pub async fn resolve(&self, secrets: Option<&aws_sdk_secretsmanager::Client>) -> Result<Secret, String> {
+        match self {
+            Self::Env(name) => std::env::var(name)
+                .ok()
+                .filter(|value| !value.is_empty())
+                .map(Secret::new)
+                .ok_or_else(|| format!("environment variable `{name}` is not set")),
+            Self::SecretsManager(id) => {
+                let client = secrets.ok_or_else(|| "no Secrets Manager client".to_owned())?;
+                let answer = client
+                    .get_secret_value()
+                    .secret_id(id)
+                    .send()
+                    .await
+                    .map_err(|e| format!("secret `{id}`: {}", aws_sdk_secretsmanager::error::DisplayErrorContext(e)))?;
+                answer
+                    .secret_string()
+                    .map(Secret::new)
+                    .ok_or_else(|| format!("secret `{id}` has no SecretString"))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "
+dynamics:
+  url: https://contoso-demo.crm.dynamics.com/
+  tenant_id: 9048f85d-df6b-44fd-8a90-90338af57872
+  client_id: 2f3c1a4e-7b8d-4e5f-9a6b-1c2d3e4f5a6b
+  credential: { client_secret: { env: DYNAMICS_CLIENT_SECRET } }
+";
+
+    fn error_of(yaml: &str) -> ConfigError {
+        Config::from_yaml(yaml).unwrap_err()
+    }
+
+    #[test]
+    fn minimal_document_gets_phonecall_defaults() {
+        let config = Config::from_yaml(MINIMAL).unwrap();
+        assert_eq!(config.dynamics.org_url, "https://contoso-demo.crm.dynamics.com");
+        assert_eq!(config.dynamics.api_base.as_str(), "https://contoso-demo.crm.dynamics.com/api/data/v9.2/");
+        assert_eq!(config.dynamics.scope, "https://contoso-demo.crm.dynamics.com/.default");
+        assert_eq!(
+            config.dynamics.token_url.as_str(),
+            "https://login.microsoftonline.com/9048f85d-df6b-44fd-8a90-90338af57872/oauth2/v2.0/token"
+        );
+        assert_eq!(config.contact.entity_set.as_str(), "phonecalls");
+        assert_eq!(config.directory.len(), 2);
+        assert!(config.contact.close.is_some());
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let error = error_of(&format!("{MINIMAL}  colour: blue\n"));
+        assert_eq!(error.path(), Some("dynamics.colour"), "{error}");
+        assert!(error.to_string().contains("unknown field `colour`"), "{error}");
+        let error = error_of(&format!("{MINIMAL}contact:\n  ended:\n    body: {{}}\n    closing: {{}}\n"));
+        assert_eq!(error.path(), Some("contact.ended.closing"), "{error}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let error = error_of(&format!("{MINIMAL}  max_attempts: many\n"));
+        assert_eq!(error.path(), Some("dynamics.max_attempts"), "{error}");
+    }
+
+    #[test]
+    fn broken_template_is_named_by_its_key() {
+        let error = error_of(&format!(
+            "{MINIMAL}contact:\n  ended:\n    body:\n      actualend: \"{{{{ DisconnectTimestamp | }}}}\"\n"
+        ));
+        assert_eq!(error.path(), Some("contact.ended.body.actualend"), "{error}");
+    }
+
+    #[test]
+    fn invalid_entity_set_is_named() {
+        let error = error_of(&format!("{MINIMAL}contact:\n  entity_set: \"phonecalls?$top=1\"\n"));
+        assert_eq!(error.path(), Some("contact.entity_set"), "{error}");
+        let error = error_of(&format!(
+            "{MINIMAL}directory:\n  entities:\n    - {{ entity_set: contacts, logical_name: contact, key: \"contactid)\", name: fullname, phones: [telephone1] }}\n"
+        ));
+        assert_eq!(error.path(), Some("directory.entities[0].key"), "{error}");
+    }
+
+    #[test]
+    fn dynamics_url_must_be_https_except_on_loopback() {
+        let error = error_of(&MINIMAL.replace("https://contoso-demo", "http://contoso-demo"));
+        assert_eq!(error.path(), Some("dynamics.url"));
+        let local = MINIMAL.replace("https://contoso-demo.crm.dynamics.com/", "http://127.0.0.1:8080");
+        assert!(Config::from_yaml(&local).is_ok());
+    }
+
+    #[test]
+    fn secrets_cannot_be_written_inline() {
+        let error = error_of(&MINIMAL.replace("{ env: DYNAMICS_CLIENT_SECRET }", "{ value: hunter2 }"));
+        assert_eq!(error.path(), Some("dynamics.credential.client_secret.value"), "{error}");
+        assert!(error.to_string().contains("unknown variant `value`"), "{error}");
+        assert!(!error.to_string().contains("hunter2"), "{error}");
+    }
+
+    #[test]
+    fn certificate_thumbprint_is_checked() {
+        let yaml = MINIMAL.replace(
+            "{ client_secret: { env: DYNAMICS_CLIENT_SECRET } }",
+            "{ certificate: { thumbprint: abc, private_key: { secrets_manager: dynamics-key } } }",
+        );
+        assert_eq!(error_of(&yaml).path(), Some("dynamics.credential.certificate.thumbprint"));
+    }
+}
