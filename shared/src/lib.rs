@@ -1,8 +1,10 @@
 //! The library every connect-dynamics function stands on.
 
+pub mod auth;
+pub mod config;
 pub mod dataverse;
+pub mod mapping;
 pub mod phone;
 pub mod secret;
 pub mod template;
-pub mod mapping;
-pub mod config;
+pub mod token_cache;
