@@ -107,6 +107,15 @@ impl Authenticator {
         }
     }
 
+    /// Uses a secret already at hand (the CLI, the local simulation) instead of
+    /// resolving the configured reference.
+    pub fn with_secret(self, secret: Secret) -> Self {
+        Self {
+            secret: OnceCell::new_with(Some(secret)),
+            ..self
+        }
+    }
+
     /// Token requests this authenticator has sent (for metrics and benchmarks).
     pub fn requests_sent(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
