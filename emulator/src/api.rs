@@ -50,7 +50,10 @@ impl ApiRequest {
     fn max_page_size(&self) -> usize {
         self.prefer()
             .iter()
-            .find_map(|p| p.strip_prefix("odata.maxpagesize=").and_then(|n| n.parse().ok()))
+            .find_map(|p| {
+                p.strip_prefix("odata.maxpagesize=")
+                    .and_then(|n| n.parse().ok())
+            })
             .unwrap_or(MAX_PAGE_SIZE)
             .clamp(1, MAX_PAGE_SIZE)
     }
@@ -86,9 +89,13 @@ fn parse_target(path: &str) -> Result<(String, Option<String>), ApiResponse> {
     match path.split_once('(') {
         None => Ok((path.to_owned(), None)),
         Some((set, rest)) => {
-            let key = rest
-                .strip_suffix(')')
-                .ok_or_else(|| error(400, "0x80060888", format!("Bad Request - Error in query syntax: `{path}`")))?;
+            let key = rest.strip_suffix(')').ok_or_else(|| {
+                error(
+                    400,
+                    "0x80060888",
+                    format!("Bad Request - Error in query syntax: `{path}`"),
+                )
+            })?;
             Ok((set.to_owned(), Some(key.to_owned())))
         }
     }
@@ -97,18 +104,34 @@ fn parse_target(path: &str) -> Result<(String, Option<String>), ApiResponse> {
 fn parse_id(key: &str) -> Result<Uuid, ApiResponse> {
     let bare = key.trim_start_matches('{').trim_end_matches('}');
     if bare.len() != 36 {
-        return Err(error(400, "0x80060888", format!("Bad Request - Error in query syntax: the key `{key}` is not a GUID")));
+        return Err(error(
+            400,
+            "0x80060888",
+            format!("Bad Request - Error in query syntax: the key `{key}` is not a GUID"),
+        ));
     }
-    Uuid::try_parse(bare).map_err(|_| error(400, "0x80060888", format!("Bad Request - Error in query syntax: the key `{key}` is not a GUID")))
+    Uuid::try_parse(bare).map_err(|_| {
+        error(
+            400,
+            "0x80060888",
+            format!("Bad Request - Error in query syntax: the key `{key}` is not a GUID"),
+        )
+    })
 }
 
 fn query_options(query: &str) -> BTreeMap<String, String> {
     // Form decoding turns a bare `+` into a space, as the real service does.
-    url::form_urlencoded::parse(query.as_bytes()).into_owned().collect()
+    url::form_urlencoded::parse(query.as_bytes())
+        .into_owned()
+        .collect()
 }
 
 fn not_found_segment(set: &str) -> ApiResponse {
-    error(404, "0x8006088a", format!("Resource not found for the segment '{set}'."))
+    error(
+        404,
+        "0x8006088a",
+        format!("Resource not found for the segment '{set}'."),
+    )
 }
 
 pub fn handle(store: &mut Store, base: &str, request: &ApiRequest) -> ApiResponse {
@@ -135,13 +158,25 @@ pub fn handle(store: &mut Store, base: &str, request: &ApiRequest) -> ApiRespons
                 missing(store, &set, id)
             }
         }
-        (method, _) => error(405, "0x80060888", format!("The HTTP method '{method}' is not allowed on this resource.")),
+        (method, _) => error(
+            405,
+            "0x80060888",
+            format!("The HTTP method '{method}' is not allowed on this resource."),
+        ),
     }
 }
 
 fn missing(store: &Store, set: &str, id: Uuid) -> ApiResponse {
-    let logical = store.tables.get(set).map(|t| t.def.logical.as_str()).unwrap_or(set);
-    error(404, "0x80040217", format!("{logical} With Id = {id} Does Not Exist"))
+    let logical = store
+        .tables
+        .get(set)
+        .map(|t| t.def.logical.as_str())
+        .unwrap_or(set);
+    error(
+        404,
+        "0x80040217",
+        format!("{logical} With Id = {id} Does Not Exist"),
+    )
 }
 
 fn etag(version: u64) -> String {
@@ -169,9 +204,12 @@ fn project(row: &Map<String, Value>, key: &str, version: u64, select: Option<&[S
 }
 
 fn select_of(options: &BTreeMap<String, String>) -> Option<Vec<String>> {
-    options
-        .get("$select")
-        .map(|s| s.split(',').map(|c| c.trim().to_owned()).filter(|c| !c.is_empty()).collect())
+    options.get("$select").map(|s| {
+        s.split(',')
+            .map(|c| c.trim().to_owned())
+            .filter(|c| !c.is_empty())
+            .collect()
+    })
 }
 
 fn get_one(store: &Store, base: &str, set: &str, id: Uuid, request: &ApiRequest) -> ApiResponse {
@@ -190,7 +228,10 @@ fn get_one(store: &Store, base: &str, set: &str, id: Uuid, request: &ApiRequest)
     let select = select_of(&options);
     let mut body = project(&row.data, &table.def.key, row.version, select.as_deref());
     if let Some(object) = body.as_object_mut() {
-        object.insert("@odata.context".into(), Value::String(format!("{base}$metadata#{set}/$entity")));
+        object.insert(
+            "@odata.context".into(),
+            Value::String(format!("{base}$metadata#{set}/$entity")),
+        );
     }
     ok(body)
 }
@@ -199,7 +240,8 @@ fn get_one(store: &Store, base: &str, set: &str, id: Uuid, request: &ApiRequest)
 /// or an offset when an `$orderby` applies.
 fn get_many(store: &Store, base: &str, set: &str, request: &ApiRequest) -> ApiResponse {
     let options = query_options(&request.query);
-    let tracking = request.prefer().iter().any(|p| p == "odata.track-changes") || options.contains_key("$deltatoken");
+    let tracking = request.prefer().iter().any(|p| p == "odata.track-changes")
+        || options.contains_key("$deltatoken");
     if tracking {
         return changes(store, base, set, request, &options);
     }
@@ -207,7 +249,13 @@ fn get_many(store: &Store, base: &str, set: &str, request: &ApiRequest) -> ApiRe
     let select = select_of(&options);
     let expr = match options.get("$filter").map(|f| filter::parse(f)).transpose() {
         Ok(expr) => expr,
-        Err(message) => return error(400, "0x80060888", format!("Syntax error in $filter: {message}")),
+        Err(message) => {
+            return error(
+                400,
+                "0x80060888",
+                format!("Syntax error in $filter: {message}"),
+            );
+        }
     };
     let mut rows: Vec<(&Uuid, &crate::store::Row)> = table
         .rows
@@ -227,7 +275,11 @@ fn get_many(store: &Store, base: &str, set: &str, request: &ApiRequest) -> ApiRe
         rows.sort_by(|a, b| {
             for (column, descending) in &clauses {
                 let ordering = compare(a.1.data.get(column), b.1.data.get(column));
-                let ordering = if *descending { ordering.reverse() } else { ordering };
+                let ordering = if *descending {
+                    ordering.reverse()
+                } else {
+                    ordering
+                };
                 if ordering.is_ne() {
                     return ordering;
                 }
@@ -236,7 +288,10 @@ fn get_many(store: &Store, base: &str, set: &str, request: &ApiRequest) -> ApiRe
         });
     }
     if let Some(top) = options.get("$top").and_then(|t| t.parse::<usize>().ok())
-        && !request.prefer().iter().any(|p| p.starts_with("odata.maxpagesize="))
+        && !request
+            .prefer()
+            .iter()
+            .any(|p| p.starts_with("odata.maxpagesize="))
     {
         rows.truncate(top);
     }
@@ -244,8 +299,13 @@ fn get_many(store: &Store, base: &str, set: &str, request: &ApiRequest) -> ApiRe
     let skip = options.get("$skiptoken").cloned().unwrap_or_default();
     let start = if let Some(offset) = skip.strip_prefix("o:") {
         offset.parse().unwrap_or(0)
-    } else if let Some(last) = skip.strip_prefix("k:").and_then(|k| Uuid::try_parse(k).ok()) {
-        rows.iter().position(|(id, _)| **id > last).unwrap_or(rows.len())
+    } else if let Some(last) = skip
+        .strip_prefix("k:")
+        .and_then(|k| Uuid::try_parse(k).ok())
+    {
+        rows.iter()
+            .position(|(id, _)| **id > last)
+            .unwrap_or(rows.len())
     } else {
         0
     };
@@ -266,20 +326,29 @@ fn get_many(store: &Store, base: &str, set: &str, request: &ApiRequest) -> ApiRe
         } else {
             format!("k:{}", rows[end - 1].0)
         };
-        body["@odata.nextLink"] = Value::String(link_with(base, set, &request.query, "$skiptoken", &token));
+        body["@odata.nextLink"] =
+            Value::String(link_with(base, set, &request.query, "$skiptoken", &token));
     }
     let mut response = ok(body);
-    if request.prefer().iter().any(|p| p.starts_with("odata.maxpagesize=")) {
-        response
-            .headers
-            .push(("Preference-Applied".into(), format!("odata.maxpagesize={page_size}")));
+    if request
+        .prefer()
+        .iter()
+        .any(|p| p.starts_with("odata.maxpagesize="))
+    {
+        response.headers.push((
+            "Preference-Applied".into(),
+            format!("odata.maxpagesize={page_size}"),
+        ));
     }
     response
 }
 
 fn compare(a: Option<&Value>, b: Option<&Value>) -> std::cmp::Ordering {
     match (a, b) {
-        (Some(Value::Number(a)), Some(Value::Number(b))) => a.as_f64().partial_cmp(&b.as_f64()).unwrap_or(std::cmp::Ordering::Equal),
+        (Some(Value::Number(a)), Some(Value::Number(b))) => a
+            .as_f64()
+            .partial_cmp(&b.as_f64())
+            .unwrap_or(std::cmp::Ordering::Equal),
         (Some(Value::String(a)), Some(Value::String(b))) => a.to_lowercase().cmp(&b.to_lowercase()),
         (None | Some(Value::Null), Some(_)) => std::cmp::Ordering::Less,
         (Some(_), None | Some(Value::Null)) => std::cmp::Ordering::Greater,
@@ -316,13 +385,21 @@ fn encode(text: &str) -> String {
 /// Change tracking: the first read lists every row and ends with a delta link;
 /// following a delta link lists rows changed since, then deletions.
 /// Paging state (`$skiptoken`) is `<phase>:<last id>:<snapshot version>`.
-fn changes(store: &Store, base: &str, set: &str, request: &ApiRequest, options: &BTreeMap<String, String>) -> ApiResponse {
+fn changes(
+    store: &Store,
+    base: &str,
+    set: &str,
+    request: &ApiRequest,
+    options: &BTreeMap<String, String>,
+) -> ApiResponse {
     let table = &store.tables[set];
     if !table.change_tracking {
         // Unconfirmed what the service does here; the documented symptom is no
         // Preference-Applied and no delta link, which the client must refuse.
         let mut plain = request.clone();
-        plain.headers.retain(|(k, _)| !k.eq_ignore_ascii_case("prefer"));
+        plain
+            .headers
+            .retain(|(k, _)| !k.eq_ignore_ascii_case("prefer"));
         return get_many(store, base, set, &plain);
     }
     for refused in ["$filter", "$orderby", "$expand", "$top"] {
@@ -339,7 +416,11 @@ fn changes(store: &Store, base: &str, set: &str, request: &ApiRequest, options: 
         Some(token) => {
             let version = token.split('!').next().and_then(|v| v.parse::<u64>().ok());
             match version {
-                Some(version) if version >= store.oldest_valid_delta && version <= store.version => Some(version),
+                Some(version)
+                    if version >= store.oldest_valid_delta && version <= store.version =>
+                {
+                    Some(version)
+                }
                 _ => {
                     return error(
                         400,
@@ -354,26 +435,38 @@ fn changes(store: &Store, base: &str, set: &str, request: &ApiRequest, options: 
     let skip = options.get("$skiptoken").cloned().unwrap_or_default();
     let mut parts = skip.splitn(3, ':');
     let (phase, last, snapshot) = (
-        parts.next().filter(|p| !p.is_empty()).unwrap_or("u").to_owned(),
+        parts
+            .next()
+            .filter(|p| !p.is_empty())
+            .unwrap_or("u")
+            .to_owned(),
         parts.next().and_then(|p| Uuid::try_parse(p).ok()),
-        parts.next().and_then(|p| p.parse::<u64>().ok()).unwrap_or(store.version),
+        parts
+            .next()
+            .and_then(|p| p.parse::<u64>().ok())
+            .unwrap_or(store.version),
     );
     let floor = since.unwrap_or(0);
     let page_size = request.max_page_size();
     let mut page: Vec<Value> = Vec::new();
     let mut next: Option<String> = None;
     if phase == "u" {
-        let candidates = table
-            .rows
-            .iter()
-            .filter(|(id, row)| last.is_none_or(|l| **id > l) && (since.is_none() || (row.version > floor && row.version <= snapshot)));
+        let candidates = table.rows.iter().filter(|(id, row)| {
+            last.is_none_or(|l| **id > l)
+                && (since.is_none() || (row.version > floor && row.version <= snapshot))
+        });
         let mut last_listed = None;
         for (id, row) in candidates {
             if let Some(last) = last_listed.filter(|_| page.len() == page_size) {
                 next = Some(format!("u:{last}:{snapshot}"));
                 break;
             }
-            page.push(project(&row.data, &table.def.key, row.version, select.as_deref()));
+            page.push(project(
+                &row.data,
+                &table.def.key,
+                row.version,
+                select.as_deref(),
+            ));
             last_listed = Some(*id);
         }
     }
@@ -382,7 +475,12 @@ fn changes(store: &Store, base: &str, set: &str, request: &ApiRequest, options: 
         let mut deleted: Vec<Uuid> = store
             .deletions
             .iter()
-            .filter(|d| d.set == set && d.version > floor && d.version <= snapshot && !table.rows.contains_key(&d.id))
+            .filter(|d| {
+                d.set == set
+                    && d.version > floor
+                    && d.version <= snapshot
+                    && !table.rows.contains_key(&d.id)
+            })
             .map(|d| d.id)
             .filter(|id| deletion_start.is_none_or(|l| *id > l))
             .collect();
@@ -410,13 +508,17 @@ fn changes(store: &Store, base: &str, set: &str, request: &ApiRequest, options: 
         "value": page,
     });
     match next {
-        Some(token) => body["@odata.nextLink"] = Value::String(link_with(base, set, &request.query, "$skiptoken", &token)),
+        Some(token) => {
+            body["@odata.nextLink"] =
+                Value::String(link_with(base, set, &request.query, "$skiptoken", &token))
+        }
         None => {
             let stamp = format!("{snapshot}!{}", store_date());
-            let mut query: Vec<(String, String)> = url::form_urlencoded::parse(request.query.as_bytes())
-                .into_owned()
-                .filter(|(k, _)| k != "$skiptoken" && k != "$deltatoken")
-                .collect();
+            let mut query: Vec<(String, String)> =
+                url::form_urlencoded::parse(request.query.as_bytes())
+                    .into_owned()
+                    .filter(|(k, _)| k != "$skiptoken" && k != "$deltatoken")
+                    .collect();
             query.push(("$deltatoken".into(), stamp));
             let encoded = query
                 .iter()
@@ -427,9 +529,10 @@ fn changes(store: &Store, base: &str, set: &str, request: &ApiRequest, options: 
         }
     }
     let mut response = ok(body);
-    response
-        .headers
-        .push(("Preference-Applied".into(), format!("odata.track-changes,odata.maxpagesize={page_size}")));
+    response.headers.push((
+        "Preference-Applied".into(),
+        format!("odata.track-changes,odata.maxpagesize={page_size}"),
+    ));
     response
 }
 
@@ -448,13 +551,27 @@ fn store_date() -> String {
 
 /// Validates a body against the table's columns and turns `@odata.bind` entries
 /// into lookup columns.
-fn prepare(store: &Store, set: &str, body: &[u8], creating: bool) -> Result<Map<String, Value>, ApiResponse> {
+fn prepare(
+    store: &Store,
+    set: &str,
+    body: &[u8],
+    creating: bool,
+) -> Result<Map<String, Value>, ApiResponse> {
     let table = &store.tables[set];
     let logical = table.def.logical.clone();
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|e| error(400, "0x80060888", format!("The request body is not valid JSON: {e}")))?;
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        error(
+            400,
+            "0x80060888",
+            format!("The request body is not valid JSON: {e}"),
+        )
+    })?;
     let Value::Object(fields) = value else {
-        return Err(error(400, "0x80060888", "The request body must be a JSON object."));
+        return Err(error(
+            400,
+            "0x80060888",
+            "The request body must be a JSON object.",
+        ));
     };
     let mut columns = Map::new();
     for (name, value) in fields {
@@ -471,7 +588,11 @@ fn prepare(store: &Store, set: &str, body: &[u8], creating: bool) -> Result<Map<
             continue;
         }
         if creating && (name == "statecode") && table.def.activity {
-            return Err(error(400, "0x80040203", format!("statecode cannot be set when a {logical} is created.")));
+            return Err(error(
+                400,
+                "0x80040203",
+                format!("statecode cannot be set when a {logical} is created."),
+            ));
         }
         if let Some(schema) = &table.def.columns {
             // Custom columns carry a publisher prefix (`new_`, `cr1a2_`): accepted as they are.
@@ -482,7 +603,9 @@ fn prepare(store: &Store, set: &str, body: &[u8], creating: bool) -> Result<Map<
                     return Err(error(
                         400,
                         "0x80060888",
-                        format!("Invalid property '{name}' was found in entity 'Microsoft.Dynamics.CRM.{logical}'."),
+                        format!(
+                            "Invalid property '{name}' was found in entity 'Microsoft.Dynamics.CRM.{logical}'."
+                        ),
                     ));
                 }
                 Some(kind) => check_kind(&logical, &name, *kind, &value)?,
@@ -501,7 +624,9 @@ fn check_kind(logical: &str, name: &str, kind: Kind, value: &Value) -> Result<()
                 return Err(error(
                     400,
                     "0x80044331",
-                    format!("A validation error occurred. The length of the '{name}' attribute of the '{logical}' entity exceeded the maximum allowed length of '{max}'."),
+                    format!(
+                        "A validation error occurred. The length of the '{name}' attribute of the '{logical}' entity exceeded the maximum allowed length of '{max}'."
+                    ),
                 ));
             }
             true
@@ -518,20 +643,37 @@ fn check_kind(logical: &str, name: &str, kind: Kind, value: &Value) -> Result<()
         Err(error(
             400,
             "0x80060888",
-            format!("Cannot convert the literal '{value}' to the expected type of property '{name}' ({kind:?})."),
+            format!(
+                "Cannot convert the literal '{value}' to the expected type of property '{name}' ({kind:?})."
+            ),
         ))
     }
 }
 
 /// `regardingobjectid_contact_phonecall@odata.bind: "/contacts(<id>)"` -> column
 /// `regardingobjectid`, target `contact`, id. The target must exist.
-fn bind(store: &Store, logical: &str, navigation: &str, value: &Value) -> Result<(String, String, Uuid), ApiResponse> {
-    let reference = value
-        .as_str()
-        .ok_or_else(|| error(400, "0x80060888", format!("'{navigation}@odata.bind' must be a string like /contacts(<id>)")))?;
+fn bind(
+    store: &Store,
+    logical: &str,
+    navigation: &str,
+    value: &Value,
+) -> Result<(String, String, Uuid), ApiResponse> {
+    let reference = value.as_str().ok_or_else(|| {
+        error(
+            400,
+            "0x80060888",
+            format!("'{navigation}@odata.bind' must be a string like /contacts(<id>)"),
+        )
+    })?;
     let tail = reference.rsplit('/').next().unwrap_or_default();
     let (target_set, key) = parse_target(tail)?;
-    let key = key.ok_or_else(|| error(400, "0x80060888", format!("'{reference}' does not name a record")))?;
+    let key = key.ok_or_else(|| {
+        error(
+            400,
+            "0x80060888",
+            format!("'{reference}' does not name a record"),
+        )
+    })?;
     let id = parse_id(&key)?;
     let Some(target) = store.tables.get(&target_set) else {
         return Err(not_found_segment(&target_set));
@@ -543,17 +685,27 @@ fn bind(store: &Store, logical: &str, navigation: &str, value: &Value) -> Result
     let column = navigation
         .strip_suffix(&format!("_{logical}"))
         .unwrap_or(navigation);
-    let column = column.strip_suffix(&format!("_{target_logical}")).unwrap_or(column);
+    let column = column
+        .strip_suffix(&format!("_{target_logical}"))
+        .unwrap_or(column);
     Ok((column.to_owned(), target_logical, id))
 }
 
 fn created(base: &str, set: &str, id: Uuid, store: &Store, request: &ApiRequest) -> ApiResponse {
-    let wants_body = request.prefer().iter().any(|p| p == "return=representation");
+    let wants_body = request
+        .prefer()
+        .iter()
+        .any(|p| p == "return=representation");
     if wants_body {
         let table = &store.tables[set];
         let row = &table.rows[&id];
         let options = query_options(&request.query);
-        let mut body = project(&row.data, &table.def.key, row.version, select_of(&options).as_deref());
+        let mut body = project(
+            &row.data,
+            &table.def.key,
+            row.version,
+            select_of(&options).as_deref(),
+        );
         body["@odata.context"] = Value::String(format!("{base}$metadata#{set}/$entity"));
         ApiResponse {
             status: 201,
@@ -564,7 +716,10 @@ fn created(base: &str, set: &str, id: Uuid, store: &Store, request: &ApiRequest)
         let url = format!("{base}{set}({id})");
         ApiResponse {
             status: 204,
-            headers: vec![("OData-EntityId".into(), url.clone()), ("Location".into(), url)],
+            headers: vec![
+                ("OData-EntityId".into(), url.clone()),
+                ("Location".into(), url),
+            ],
             body: None,
         }
     }
@@ -595,7 +750,11 @@ fn patch(store: &mut Store, base: &str, set: &str, id: Uuid, request: &ApiReques
     match (request.header("If-Match"), &existing) {
         (Some(_), None) => return missing(store, set, id),
         (Some(tag), Some(row)) if tag != "*" && tag != etag(row.version) => {
-            return error(412, "0x80060882", "The version of the existing record doesn't match the RowVersion property provided.");
+            return error(
+                412,
+                "0x80060882",
+                "The version of the existing record doesn't match the RowVersion property provided.",
+            );
         }
         _ => {}
     }
@@ -611,13 +770,25 @@ fn patch(store: &mut Store, base: &str, set: &str, id: Uuid, request: &ApiReques
     if let Some(row) = &existing
         && store.tables[set].def.activity
     {
-        let state = row.data.get("statecode").and_then(Value::as_i64).unwrap_or(0);
-        let only_state = columns.keys().all(|k| k == "statecode" || k == "statuscode");
+        let state = row
+            .data
+            .get("statecode")
+            .and_then(Value::as_i64)
+            .unwrap_or(0);
+        let only_state = columns
+            .keys()
+            .all(|k| k == "statecode" || k == "statuscode");
         let reopening = columns.get("statecode").and_then(Value::as_i64) == Some(0);
         if state != 0 && !(only_state && reopening) {
             let logical = &store.tables[set].def.logical;
             // The service's exact text is not documented; the rule is: a closed activity can only be reopened.
-            return error(400, "0x80040203", format!("This {logical} is closed (statecode {state}) and cannot be updated. Reopen it first."));
+            return error(
+                400,
+                "0x80040203",
+                format!(
+                    "This {logical} is closed (statecode {state}) and cannot be updated. Reopen it first."
+                ),
+            );
         }
     }
     store.write(set, id, columns);

@@ -62,7 +62,10 @@ fn parse_parts(content_type: &str, body: &str, api_root: &str) -> Result<Vec<Par
         let (head, content) = split_head(segment.trim_start_matches(['\r', '\n']));
         let headers = headers_of(head);
         let part_type = find(&headers, "Content-Type").unwrap_or_default();
-        if part_type.to_ascii_lowercase().starts_with("multipart/mixed") {
+        if part_type
+            .to_ascii_lowercase()
+            .starts_with("multipart/mixed")
+        {
             let inner = parse_parts(part_type, content, api_root)?;
             let operations = inner
                 .into_iter()
@@ -88,10 +91,15 @@ fn parse_parts(content_type: &str, body: &str, api_root: &str) -> Result<Vec<Par
             parts.push(Part::Single(Operation {
                 request: ApiRequest {
                     method: method.to_owned(),
-                    path: percent_encoding::percent_decode_str(path).decode_utf8_lossy().into_owned(),
+                    path: percent_encoding::percent_decode_str(path)
+                        .decode_utf8_lossy()
+                        .into_owned(),
                     query: query.to_owned(),
                     headers: headers_of(&lines.collect::<Vec<_>>().join("\n")),
-                    body: request_body.trim_end_matches(['\r', '\n']).as_bytes().to_vec(),
+                    body: request_body
+                        .trim_end_matches(['\r', '\n'])
+                        .as_bytes()
+                        .to_vec(),
                 },
                 content_id: find(&headers, "Content-ID").map(str::to_owned),
             }));
@@ -100,8 +108,15 @@ fn parse_parts(content_type: &str, body: &str, api_root: &str) -> Result<Vec<Par
     Ok(parts)
 }
 
-fn write_response(out: &mut String, boundary: &str, response: &ApiResponse, content_id: Option<&str>) {
-    out.push_str(&format!("--{boundary}\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n"));
+fn write_response(
+    out: &mut String,
+    boundary: &str,
+    response: &ApiResponse,
+    content_id: Option<&str>,
+) {
+    out.push_str(&format!(
+        "--{boundary}\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n"
+    ));
     if let Some(id) = content_id {
         out.push_str(&format!("Content-ID: {id}\r\n"));
     }
@@ -115,18 +130,29 @@ fn write_response(out: &mut String, boundary: &str, response: &ApiResponse, cont
         412 => "Precondition Failed",
         _ => "Error",
     };
-    out.push_str(&format!("\r\nHTTP/1.1 {} {reason}\r\nOData-Version: 4.0\r\n", response.status));
+    out.push_str(&format!(
+        "\r\nHTTP/1.1 {} {reason}\r\nOData-Version: 4.0\r\n",
+        response.status
+    ));
     for (name, value) in &response.headers {
         out.push_str(&format!("{name}: {value}\r\n"));
     }
     match &response.body {
-        Some(body) => out.push_str(&format!("Content-Type: application/json; odata.metadata=minimal\r\n\r\n{body}\r\n")),
+        Some(body) => out.push_str(&format!(
+            "Content-Type: application/json; odata.metadata=minimal\r\n\r\n{body}\r\n"
+        )),
         None => out.push_str("\r\n"),
     }
 }
 
 /// Runs a batch; returns (status, content type, body).
-pub fn handle(store: &mut Store, base: &str, api_root: &str, content_type: &str, body: &str) -> (u16, String, String) {
+pub fn handle(
+    store: &mut Store,
+    base: &str,
+    api_root: &str,
+    content_type: &str,
+    body: &str,
+) -> (u16, String, String) {
     let parts = match parse_parts(content_type, body, api_root) {
         Ok(parts) => parts,
         Err(message) => return bad(&message),
@@ -139,7 +165,9 @@ pub fn handle(store: &mut Store, base: &str, api_root: &str, content_type: &str,
         })
         .sum();
     if count > MAX_OPERATIONS {
-        return bad(&format!("The number of requests in a batch ({count}) exceeds the limit of {MAX_OPERATIONS}."));
+        return bad(&format!(
+            "The number of requests in a batch ({count}) exceeds the limit of {MAX_OPERATIONS}."
+        ));
     }
     let boundary = format!("batchresponse_{}", Uuid::new_v4());
     let mut out = String::new();
@@ -160,25 +188,50 @@ pub fn handle(store: &mut Store, base: &str, api_root: &str, content_type: &str,
                 for mut operation in operations {
                     if operation.request.method == "GET" {
                         *store = snapshot;
-                        write_response(&mut out, &boundary, &api::error(400, "0x80060888", "GET is not allowed inside a change set."), None);
+                        write_response(
+                            &mut out,
+                            &boundary,
+                            &api::error(
+                                400,
+                                "0x80060888",
+                                "GET is not allowed inside a change set.",
+                            ),
+                            None,
+                        );
                         break 'parts;
                     }
                     if let Some(reference) = operation.request.path.strip_prefix('$') {
                         let (id, rest) = reference.split_once('/').unwrap_or((reference, ""));
                         let Some((_, url)) = references.iter().find(|(cid, _)| cid == id) else {
                             *store = snapshot;
-                            let message = format!("Content-ID Reference: '${id}' does not exist in the batch context.");
-                            write_response(&mut out, &boundary, &api::error(400, "0x80060888", message), None);
+                            let message = format!(
+                                "Content-ID Reference: '${id}' does not exist in the batch context."
+                            );
+                            write_response(
+                                &mut out,
+                                &boundary,
+                                &api::error(400, "0x80060888", message),
+                                None,
+                            );
                             break 'parts;
                         };
                         let path = url.strip_prefix(base).unwrap_or(url);
-                        operation.request.path = if rest.is_empty() { path.to_owned() } else { format!("{path}/{rest}") };
+                        operation.request.path = if rest.is_empty() {
+                            path.to_owned()
+                        } else {
+                            format!("{path}/{rest}")
+                        };
                     }
                     let response = api::handle(store, base, &operation.request);
                     if response.status >= 400 {
                         // The whole change set rolls back; only the failure is reported.
                         *store = snapshot;
-                        write_response(&mut out, &boundary, &response, operation.content_id.as_deref());
+                        write_response(
+                            &mut out,
+                            &boundary,
+                            &response,
+                            operation.content_id.as_deref(),
+                        );
                         break 'parts;
                     }
                     if let (Some(cid), Some((_, url))) = (
@@ -190,7 +243,9 @@ pub fn handle(store: &mut Store, base: &str, api_root: &str, content_type: &str,
                     responses.push((response, operation.content_id));
                 }
                 let changeset = format!("changesetresponse_{}", Uuid::new_v4());
-                out.push_str(&format!("--{boundary}\r\nContent-Type: multipart/mixed; boundary={changeset}\r\n\r\n"));
+                out.push_str(&format!(
+                    "--{boundary}\r\nContent-Type: multipart/mixed; boundary={changeset}\r\n\r\n"
+                ));
                 for (response, content_id) in &responses {
                     write_response(&mut out, &changeset, response, content_id.as_deref());
                 }

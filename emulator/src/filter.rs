@@ -116,7 +116,10 @@ pub fn parse(input: &str) -> Result<Expr, String> {
     };
     let expr = parser.or()?;
     if parser.position != parser.tokens.len() {
-        return Err(format!("unexpected token {:?}", parser.tokens[parser.position]));
+        return Err(format!(
+            "unexpected token {:?}",
+            parser.tokens[parser.position]
+        ));
     }
     Ok(expr)
 }
@@ -199,7 +202,11 @@ impl Parser {
                 "le" => Op::Le,
                 other => return Err(format!("unknown operator `{other}`")),
             },
-            other => return Err(format!("expected an operator after `{name}`, found {other:?}")),
+            other => {
+                return Err(format!(
+                    "expected an operator after `{name}`, found {other:?}"
+                ));
+            }
         };
         let literal = match self.next() {
             Some(Token::Text(text)) => Literal::Text(text),
@@ -240,7 +247,9 @@ pub fn matches(expr: &Expr, row: &Map<String, Value>) -> bool {
             let ordering = match (value, literal) {
                 (Value::Null, Literal::Null) => Some(Ordering::Equal),
                 (Value::Null, _) | (_, Literal::Null) => None,
-                (Value::String(a), Literal::Text(b)) => Some(a.to_lowercase().cmp(&b.to_lowercase())),
+                (Value::String(a), Literal::Text(b)) => {
+                    Some(a.to_lowercase().cmp(&b.to_lowercase()))
+                }
                 (Value::Number(a), Literal::Number(b)) => a.as_f64().and_then(|a| a.partial_cmp(b)),
                 (Value::Bool(a), Literal::Bool(b)) => Some(a.cmp(b)),
                 _ => None,
@@ -271,15 +280,26 @@ mod tests {
     #[test]
     fn phone_lookup_filter() {
         let expr = parse("telephone1 eq '+12065550137' or mobilephone eq '+12065550137'").unwrap();
-        assert!(matches(&expr, &row(json!({"telephone1": null, "mobilephone": "+12065550137"}))));
+        assert!(matches(
+            &expr,
+            &row(json!({"telephone1": null, "mobilephone": "+12065550137"}))
+        ));
         assert!(!matches(&expr, &row(json!({"telephone1": " 12065550137"}))));
     }
 
     #[test]
     fn quotes_functions_and_precedence() {
-        let expr = parse("lastname eq 'O''Shea' and (contains(fullname,'mar') or not statecode eq 0)").unwrap();
-        assert!(matches(&expr, &row(json!({"lastname": "o'shea", "fullname": "Maren", "statecode": 0}))));
-        assert!(!matches(&expr, &row(json!({"lastname": "O'Shea", "fullname": "Bob", "statecode": 0}))));
+        let expr =
+            parse("lastname eq 'O''Shea' and (contains(fullname,'mar') or not statecode eq 0)")
+                .unwrap();
+        assert!(matches(
+            &expr,
+            &row(json!({"lastname": "o'shea", "fullname": "Maren", "statecode": 0}))
+        ));
+        assert!(!matches(
+            &expr,
+            &row(json!({"lastname": "O'Shea", "fullname": "Bob", "statecode": 0}))
+        ));
         assert!(parse("name eq 'unterminated").is_err());
         assert!(parse("name wibble 'x'").is_err());
     }

@@ -123,7 +123,9 @@ struct Shared {
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panicking test thread must not wedge the emulator for the others.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// A running emulator; stops when dropped.
@@ -191,7 +193,10 @@ impl Emulator {
 
     /// The tenant's token endpoint.
     pub fn token_url(&self) -> String {
-        format!("{}/{}/oauth2/v2.0/token", self.shared.org_url, self.shared.options.tenant_id)
+        format!(
+            "{}/{}/oauth2/v2.0/token",
+            self.shared.org_url, self.shared.options.tenant_id
+        )
     }
 
     pub fn options(&self) -> &EmulatorOptions {
@@ -201,7 +206,11 @@ impl Emulator {
     /// Adds a record directly (no request log, no faults); returns its id.
     pub fn seed(&self, set: &str, record: Value) -> Uuid {
         let mut store = lock(&self.shared.store);
-        let key = store.tables.get(set).map(|t| t.def.key.clone()).unwrap_or_default();
+        let key = store
+            .tables
+            .get(set)
+            .map(|t| t.def.key.clone())
+            .unwrap_or_default();
         let mut columns = record.as_object().cloned().unwrap_or_default();
         let id = columns
             .remove(&key)
@@ -232,7 +241,12 @@ impl Emulator {
         store
             .tables
             .get(set)
-            .map(|t| t.rows.values().map(|r| Value::Object(r.data.clone())).collect())
+            .map(|t| {
+                t.rows
+                    .values()
+                    .map(|r| Value::Object(r.data.clone()))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -307,7 +321,9 @@ fn json_response(status: u16, headers: &[(String, String)], body: Option<&Value>
             body.to_string(),
         )
             .into_response(),
-        None => StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR).into_response(),
+        None => StatusCode::from_u16(status)
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+            .into_response(),
     };
     let map = response.headers_mut();
     map.insert("odata-version", HeaderValue::from_static("4.0"));
@@ -347,49 +363,103 @@ fn entra_error(status: StatusCode, error: &str, code: u32, description: &str) ->
         "trace_id": Uuid::new_v4().to_string(),
         "correlation_id": Uuid::new_v4().to_string(),
     });
-    (status, [("content-type", "application/json")], body.to_string()).into_response()
+    (
+        status,
+        [("content-type", "application/json")],
+        body.to_string(),
+    )
+        .into_response()
 }
 
-async fn token(State(shared): State<Arc<Shared>>, Path(tenant): Path<String>, body: Bytes) -> Response {
+async fn token(
+    State(shared): State<Arc<Shared>>,
+    Path(tenant): Path<String>,
+    body: Bytes,
+) -> Response {
     shared.token_requests.fetch_add(1, Ordering::SeqCst);
     if !shared.options.token_latency.is_zero() {
         tokio::time::sleep(shared.options.token_latency).await;
     }
     let Ok(form) = serde_urlencoded_form(&body) else {
-        return entra_error(StatusCode::BAD_REQUEST, "invalid_request", 900144, "The request body must contain the following parameter: 'grant_type'.");
+        return entra_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            900144,
+            "The request body must contain the following parameter: 'grant_type'.",
+        );
     };
     let options = &shared.options;
     if tenant != options.tenant_id {
-        return entra_error(StatusCode::BAD_REQUEST, "invalid_tenant", 90002, &format!("Tenant '{tenant}' not found."));
+        return entra_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_tenant",
+            90002,
+            &format!("Tenant '{tenant}' not found."),
+        );
     }
     if form.grant_type != "client_credentials" {
-        return entra_error(StatusCode::BAD_REQUEST, "unsupported_grant_type", 70003, "The app requested an unsupported grant type.");
+        return entra_error(
+            StatusCode::BAD_REQUEST,
+            "unsupported_grant_type",
+            70003,
+            "The app requested an unsupported grant type.",
+        );
     }
     if form.client_id != options.client_id {
-        return entra_error(StatusCode::BAD_REQUEST, "unauthorized_client", 700016, &format!("Application with identifier '{}' was not found in the directory.", form.client_id));
+        return entra_error(
+            StatusCode::BAD_REQUEST,
+            "unauthorized_client",
+            700016,
+            &format!(
+                "Application with identifier '{}' was not found in the directory.",
+                form.client_id
+            ),
+        );
     }
     if form.scope != format!("{}/.default", shared.org_url) {
-        return entra_error(StatusCode::BAD_REQUEST, "invalid_scope", 70011, &format!("The provided value for the input parameter 'scope' is not valid: {}", form.scope));
+        return entra_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_scope",
+            70011,
+            &format!(
+                "The provided value for the input parameter 'scope' is not valid: {}",
+                form.scope
+            ),
+        );
     }
     let authenticated = match (&form.client_secret, &form.client_assertion) {
         (Some(secret), None) => *secret == options.client_secret,
         (None, Some(assertion)) => {
-            form.client_assertion_type.as_deref() == Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer")
+            form.client_assertion_type.as_deref()
+                == Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer")
                 && verify_assertion(&shared, assertion)
         }
         _ => false,
     };
     if !authenticated {
-        return entra_error(StatusCode::UNAUTHORIZED, "invalid_client", 7000215, "Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID.");
+        return entra_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            7000215,
+            "Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID.",
+        );
     }
     let lifetime = {
         let range = options.token_lifetime_secs.clone();
         lock(&shared.rng).u64(range)
     };
     let access_token = format!("emu.{}", Uuid::new_v4().simple());
-    lock(&shared.tokens).insert(access_token.clone(), Instant::now() + Duration::from_secs(lifetime));
+    lock(&shared.tokens).insert(
+        access_token.clone(),
+        Instant::now() + Duration::from_secs(lifetime),
+    );
     let body = json!({"token_type": "Bearer", "expires_in": lifetime, "ext_expires_in": lifetime, "access_token": access_token});
-    (StatusCode::OK, [("content-type", "application/json")], body.to_string()).into_response()
+    (
+        StatusCode::OK,
+        [("content-type", "application/json")],
+        body.to_string(),
+    )
+        .into_response()
 }
 
 fn serde_urlencoded_form(body: &[u8]) -> Result<TokenForm, ()> {
@@ -405,19 +475,27 @@ fn verify_assertion(shared: &Shared, assertion: &str) -> bool {
     let Ok(header) = jsonwebtoken::decode_header(assertion) else {
         return false;
     };
-    if header.alg != jsonwebtoken::Algorithm::RS256 || header.x5t.as_deref() != Some(trusted.x5t.as_str()) {
+    if header.alg != jsonwebtoken::Algorithm::RS256
+        || header.x5t.as_deref() != Some(trusted.x5t.as_str())
+    {
         return false;
     }
     let Ok(key) = jsonwebtoken::DecodingKey::from_rsa_pem(trusted.public_key_pem.as_bytes()) else {
         return false;
     };
     let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
-    let token_url = format!("{}/{}/oauth2/v2.0/token", shared.org_url, shared.options.tenant_id);
+    let token_url = format!(
+        "{}/{}/oauth2/v2.0/token",
+        shared.org_url, shared.options.tenant_id
+    );
     validation.set_audience(&[token_url]);
-    validation.set_issuer(&[shared.options.client_id.clone()]);
+    validation.set_issuer(std::slice::from_ref(&shared.options.client_id));
     validation.set_required_spec_claims(&["exp", "aud", "iss", "sub"]);
     match jsonwebtoken::decode::<Value>(assertion, &key, &validation) {
-        Ok(data) => data.claims.get("sub").and_then(Value::as_str) == Some(shared.options.client_id.as_str()),
+        Ok(data) => {
+            data.claims.get("sub").and_then(Value::as_str)
+                == Some(shared.options.client_id.as_str())
+        }
         Err(_) => false,
     }
 }
@@ -431,7 +509,12 @@ fn draw_fault(shared: &Shared) -> (Option<Fault>, Duration) {
     }
     let mut rng = lock(&shared.rng);
     if faults.throttle_ratio > 0.0 && rng.f64() < faults.throttle_ratio {
-        return (Some(Fault::Throttle { retry_after_secs: faults.retry_after_secs.max(1) }), latency);
+        return (
+            Some(Fault::Throttle {
+                retry_after_secs: faults.retry_after_secs.max(1),
+            }),
+            latency,
+        );
     }
     if faults.unavailable_ratio > 0.0 && rng.f64() < faults.unavailable_ratio {
         return (Some(Fault::Status(503)), latency);
@@ -439,13 +522,27 @@ fn draw_fault(shared: &Shared) -> (Option<Fault>, Duration) {
     (None, latency)
 }
 
-async fn web_api(State(shared): State<Arc<Shared>>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+async fn web_api(
+    State(shared): State<Arc<Shared>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let received = Instant::now();
     let header_list: Vec<(String, String)> = headers
         .iter()
-        .map(|(k, v)| (k.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .map(|(k, v)| {
+            (
+                k.as_str().to_owned(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
         .collect();
-    let target = uri.path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_default();
+    let target = uri
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_default();
     let (status, response) = answer(&shared, &method, &uri, &headers, &body, received).await;
     lock(&shared.log).push(LoggedRequest {
         method: method.to_string(),
@@ -458,7 +555,14 @@ async fn web_api(State(shared): State<Arc<Shared>>, method: Method, uri: Uri, he
     response
 }
 
-async fn answer(shared: &Shared, method: &Method, uri: &Uri, headers: &HeaderMap, body: &Bytes, received: Instant) -> (u16, Response) {
+async fn answer(
+    shared: &Shared,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &Bytes,
+    received: Instant,
+) -> (u16, Response) {
     // A request sent before an earlier Retry-After elapsed breaks the protocol: count it.
     {
         let mut until = lock(&shared.throttled_until);
@@ -477,7 +581,8 @@ async fn answer(shared: &Shared, method: &Method, uri: &Uri, headers: &HeaderMap
     }
     match fault {
         Some(Fault::Throttle { retry_after_secs }) => {
-            *lock(&shared.throttled_until) = Some(Instant::now() + Duration::from_secs(retry_after_secs));
+            *lock(&shared.throttled_until) =
+                Some(Instant::now() + Duration::from_secs(retry_after_secs));
             return (429, throttled(retry_after_secs));
         }
         Some(Fault::Status(status)) => {
@@ -491,10 +596,17 @@ async fn answer(shared: &Shared, method: &Method, uri: &Uri, headers: &HeaderMap
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    let valid = bearer.is_some_and(|token| lock(&shared.tokens).get(token).is_some_and(|expiry| *expiry > Instant::now()));
+    let valid = bearer.is_some_and(|token| {
+        lock(&shared.tokens)
+            .get(token)
+            .is_some_and(|expiry| *expiry > Instant::now())
+    });
     if !valid {
         let mut response = json_response(401, &[], None);
-        let challenge = format!("Bearer authorization_uri=https://login.microsoftonline.com/{}/oauth2/authorize", shared.options.tenant_id);
+        let challenge = format!(
+            "Bearer authorization_uri=https://login.microsoftonline.com/{}/oauth2/authorize",
+            shared.options.tenant_id
+        );
         if let Ok(value) = HeaderValue::from_str(&challenge) {
             response.headers_mut().insert("www-authenticate", value);
         }
@@ -502,9 +614,14 @@ async fn answer(shared: &Shared, method: &Method, uri: &Uri, headers: &HeaderMap
     }
     let base = format!("{}{API_PATH}", shared.org_url);
     let path = uri.path().strip_prefix(API_PATH).unwrap_or_default();
-    let path = percent_encoding::percent_decode_str(path).decode_utf8_lossy().into_owned();
+    let path = percent_encoding::percent_decode_str(path)
+        .decode_utf8_lossy()
+        .into_owned();
     if path == "$batch" && method == Method::POST {
-        let content_type = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default();
+        let content_type = headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
         let text = String::from_utf8_lossy(body);
         let (status, answer_type, answer) = {
             let mut store = lock(&shared.store);
@@ -524,7 +641,12 @@ async fn answer(shared: &Shared, method: &Method, uri: &Uri, headers: &HeaderMap
         query: uri.query().unwrap_or_default().to_owned(),
         headers: headers
             .iter()
-            .map(|(k, v)| (k.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_owned(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
             .collect(),
         body: body.to_vec(),
     };
@@ -532,7 +654,10 @@ async fn answer(shared: &Shared, method: &Method, uri: &Uri, headers: &HeaderMap
         let mut store = lock(&shared.store);
         api::handle(&mut store, &base, &request)
     };
-    (answer.status, json_response(answer.status, &answer.headers, answer.body.as_ref()))
+    (
+        answer.status,
+        json_response(answer.status, &answer.headers, answer.body.as_ref()),
+    )
 }
 
 fn throttled(retry_after_secs: u64) -> Response {
@@ -540,5 +665,9 @@ fn throttled(retry_after_secs: u64) -> Response {
         "code": "0x80072322",
         "message": "Number of requests exceeded the limit of 6000 over time window of 300 seconds.",
     }});
-    json_response(429, &[("Retry-After".into(), retry_after_secs.to_string())], Some(&body))
+    json_response(
+        429,
+        &[("Retry-After".into(), retry_after_secs.to_string())],
+        Some(&body),
+    )
 }

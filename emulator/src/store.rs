@@ -99,9 +99,21 @@ impl Default for Store {
             deletions: Vec::new(),
             oldest_valid_delta: 0,
         };
-        store.define("phonecalls", "phonecall", "activityid", true, Some(phonecall_columns()));
+        store.define(
+            "phonecalls",
+            "phonecall",
+            "activityid",
+            true,
+            Some(phonecall_columns()),
+        );
         store.define("tasks", "task", "activityid", true, None);
-        store.define("annotations", "annotation", "annotationid", false, Some(annotation_columns()));
+        store.define(
+            "annotations",
+            "annotation",
+            "annotationid",
+            false,
+            Some(annotation_columns()),
+        );
         store.define("contacts", "contact", "contactid", false, None);
         store.define("accounts", "account", "accountid", false, None);
         store.define("systemusers", "systemuser", "systemuserid", false, None);
@@ -115,7 +127,14 @@ impl Default for Store {
 }
 
 impl Store {
-    pub fn define(&mut self, set: &str, logical: &str, key: &str, activity: bool, columns: Option<BTreeMap<&'static str, Kind>>) {
+    pub fn define(
+        &mut self,
+        set: &str,
+        logical: &str,
+        key: &str,
+        activity: bool,
+        columns: Option<BTreeMap<&'static str, Kind>>,
+    ) {
         self.tables.insert(
             set.to_owned(),
             Table {
@@ -163,11 +182,20 @@ impl Store {
         }
         row.version = version;
         row.data.insert("modifiedon".into(), Value::String(now));
-        row.data.insert("versionnumber".into(), Value::from(version));
+        row.data
+            .insert("versionnumber".into(), Value::from(version));
         // Dataverse composes a contact's fullname from its parts.
         if logical == "contact" && !explicit_fullname {
-            let part = |name: &str| row.data.get(name).and_then(Value::as_str).unwrap_or_default().to_owned();
-            let full = format!("{} {}", part("firstname"), part("lastname")).trim().to_owned();
+            let part = |name: &str| {
+                row.data
+                    .get(name)
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned()
+            };
+            let full = format!("{} {}", part("firstname"), part("lastname"))
+                .trim()
+                .to_owned();
             if !full.is_empty() {
                 row.data.insert("fullname".into(), Value::String(full));
             }

@@ -28,7 +28,9 @@ impl AccessToken {
 }
 
 pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -36,7 +38,11 @@ pub enum TokenError {
     /// Entra ID refused the request (wrong secret, no consent, bad scope): a
     /// configuration problem no retry fixes.
     #[error("Entra ID refused the token request ({status}): {error}: {description}")]
-    Rejected { status: u16, error: String, description: String },
+    Rejected {
+        status: u16,
+        error: String,
+        description: String,
+    },
     /// Entra ID unreachable or failing (5xx, timeout).
     #[error("Entra ID token endpoint unavailable: {0}")]
     Unavailable(String),
@@ -127,7 +133,12 @@ impl Authenticator {
             Credential::Certificate { private_key, .. } => private_key,
         };
         self.secret
-            .get_or_try_init(|| async { reference.resolve(self.secrets.as_ref()).await.map_err(TokenError::Credential) })
+            .get_or_try_init(|| async {
+                reference
+                    .resolve(self.secrets.as_ref())
+                    .await
+                    .map_err(TokenError::Credential)
+            })
             .await
     }
 
@@ -143,8 +154,14 @@ impl Authenticator {
         match &self.credential {
             Credential::ClientSecret(_) => form.push(("client_secret", secret.expose().to_owned())),
             Credential::Certificate { thumbprint, .. } => {
-                form.push(("client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer".into()));
-                form.push(("client_assertion", self.client_assertion(thumbprint, secret)?));
+                form.push((
+                    "client_assertion_type",
+                    "urn:ietf:params:oauth:client-assertion-type:jwt-bearer".into(),
+                ));
+                form.push((
+                    "client_assertion",
+                    self.client_assertion(thumbprint, secret)?,
+                ));
             }
         }
         self.requests.fetch_add(1, Ordering::Relaxed);
@@ -163,8 +180,9 @@ impl Authenticator {
             .await
             .map_err(|e| TokenError::Unavailable(e.without_url().to_string()))?;
         if status.is_success() {
-            let answer: TokenAnswer = serde_json::from_str(&body)
-                .map_err(|e| TokenError::Unavailable(format!("token answer is not the documented JSON: {e}")))?;
+            let answer: TokenAnswer = serde_json::from_str(&body).map_err(|e| {
+                TokenError::Unavailable(format!("token answer is not the documented JSON: {e}"))
+            })?;
             return Ok(AccessToken {
                 token: Secret::new(answer.access_token),
                 expires_at: requested_at + answer.expires_in,
@@ -172,18 +190,30 @@ impl Authenticator {
         }
         let answer: TokenErrorAnswer = serde_json::from_str(&body).unwrap_or_default();
         if status.is_server_error() || status.as_u16() == 429 {
-            return Err(TokenError::Unavailable(format!("{status} {}", answer.error)));
+            return Err(TokenError::Unavailable(format!(
+                "{status} {}",
+                answer.error
+            )));
         }
         Err(TokenError::Rejected {
             status: status.as_u16(),
             error: answer.error,
-            description: answer.error_description.lines().next().unwrap_or_default().to_owned(),
+            description: answer
+                .error_description
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
         })
     }
 
     /// A client assertion signed with the certificate's private key (RS256), naming
     /// the certificate by its thumbprint in the `x5t` header.
-    fn client_assertion(&self, thumbprint: &str, private_key: &Secret) -> Result<String, TokenError> {
+    fn client_assertion(
+        &self,
+        thumbprint: &str,
+        private_key: &Secret,
+    ) -> Result<String, TokenError> {
         let thumbprint = hex::decode(thumbprint.replace(':', ""))
             .map_err(|_| TokenError::Credential("certificate thumbprint is not hex".into()))?;
         let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
@@ -199,8 +229,11 @@ impl Authenticator {
             "exp": now + 600,
         });
         let key = jsonwebtoken::EncodingKey::from_rsa_pem(private_key.expose().as_bytes())
-            .map_err(|e| TokenError::Credential(format!("private key is not an RSA PEM key: {e}")))?;
-        jsonwebtoken::encode(&header, &claims, &key)
-            .map_err(|e| TokenError::Credential(format!("could not sign the client assertion: {e}")))
+            .map_err(|e| {
+                TokenError::Credential(format!("private key is not an RSA PEM key: {e}"))
+            })?;
+        jsonwebtoken::encode(&header, &claims, &key).map_err(|e| {
+            TokenError::Credential(format!("could not sign the client assertion: {e}"))
+        })
     }
 }

@@ -101,7 +101,10 @@ pub enum Credential {
     ClientSecret(SecretRef),
     /// A certificate registered on the app: the client signs an assertion (RS256)
     /// with the private key; the thumbprint is the certificate's SHA-1 hex.
-    Certificate { thumbprint: String, private_key: SecretRef },
+    Certificate {
+        thumbprint: String,
+        private_key: SecretRef,
+    },
 }
 
 /// Where a secret lives. Never the secret itself.
@@ -311,7 +314,10 @@ impl Config {
         let contact_document = document.contact;
         let mut payload = |path: &str, body: &Value| -> Result<PayloadTemplate, ConfigError> {
             if !body.is_object() {
-                return Err(ConfigError::at(path, "must be a JSON object (the request body)"));
+                return Err(ConfigError::at(
+                    path,
+                    "must be a JSON object (the request body)",
+                ));
             }
             templates
                 .compile_payload(path, body)
@@ -331,9 +337,15 @@ impl Config {
             .compile_text("contact.screen_pop_url", &contact_document.screen_pop_url)
             .map_err(|e| ConfigError::at("contact.screen_pop_url", e))?;
         if contact_document.state_ttl_days == 0 {
-            return Err(ConfigError::at("contact.state_ttl_days", "must be at least 1"));
+            return Err(ConfigError::at(
+                "contact.state_ttl_days",
+                "must be at least 1",
+            ));
         }
-        let directory = document.directory.entities.unwrap_or_else(default_directory);
+        let directory = document
+            .directory
+            .entities
+            .unwrap_or_else(default_directory);
         validate_directory(&directory)?;
         Ok(Self {
             dynamics,
@@ -356,7 +368,10 @@ impl Config {
 
     /// Reads the document from where `CONNECT_DYNAMICS_CONFIG` points: a file, or
     /// `s3://bucket/key` (read with the given S3 client).
-    pub async fn load(location: &str, s3: Option<&aws_sdk_s3::Client>) -> Result<Self, ConfigError> {
+    pub async fn load(
+        location: &str,
+        s3: Option<&aws_sdk_s3::Client>,
+    ) -> Result<Self, ConfigError> {
         let unreadable = |message: String| ConfigError::Unreadable {
             location: location.to_owned(),
             message,
@@ -389,7 +404,9 @@ impl Config {
 
     /// The entity mapping for a logical name (`contact`), if it is mapped.
     pub fn mapping_for(&self, logical_name: &str) -> Option<&EntityMapping> {
-        self.directory.iter().find(|m| m.logical_name.as_str() == logical_name)
+        self.directory
+            .iter()
+            .find(|m| m.logical_name.as_str() == logical_name)
     }
 }
 
@@ -403,29 +420,53 @@ fn validate_dynamics(document: DynamicsDocument) -> Result<DynamicsConfig, Confi
     }
     let org_url = org.as_str().trim_end_matches('/').to_owned();
     let version = document.api_version.trim_start_matches('v');
-    let version_ok = !version.is_empty() && version.split('.').all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    let version_ok = !version.is_empty()
+        && version
+            .split('.')
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
     if !version_ok {
-        return Err(ConfigError::at("dynamics.api_version", "must look like v9.2"));
+        return Err(ConfigError::at(
+            "dynamics.api_version",
+            "must look like v9.2",
+        ));
     }
     let api_base = Url::parse(&format!("{org_url}/api/data/v{version}/"))
         .map_err(|e| ConfigError::at("dynamics.url", e))?;
     let tenant = document.tenant_id.trim();
-    let tenant_ok = !tenant.is_empty() && tenant.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+    let tenant_ok = !tenant.is_empty()
+        && tenant
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
     if !tenant_ok {
-        return Err(ConfigError::at("dynamics.tenant_id", "must be the tenant GUID or its domain name"));
+        return Err(ConfigError::at(
+            "dynamics.tenant_id",
+            "must be the tenant GUID or its domain name",
+        ));
     }
     if Uuid::try_parse(document.client_id.trim()).is_err() {
-        return Err(ConfigError::at("dynamics.client_id", "must be the application (client) id, a GUID"));
+        return Err(ConfigError::at(
+            "dynamics.client_id",
+            "must be the application (client) id, a GUID",
+        ));
     }
     let token_url = match &document.token_url {
         Some(url) => parse_service_url("dynamics.token_url", url)?,
-        None => Url::parse(&format!("https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token"))
-            .map_err(|e| ConfigError::at("dynamics.tenant_id", e))?,
+        None => Url::parse(&format!(
+            "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token"
+        ))
+        .map_err(|e| ConfigError::at("dynamics.tenant_id", e))?,
     };
     match &document.credential {
-        Credential::ClientSecret(secret) => validate_secret_ref("dynamics.credential.client_secret", secret)?,
-        Credential::Certificate { thumbprint, private_key } => {
-            let bytes = hex::decode(thumbprint.replace(':', "")).ok().filter(|b| b.len() == 20);
+        Credential::ClientSecret(secret) => {
+            validate_secret_ref("dynamics.credential.client_secret", secret)?
+        }
+        Credential::Certificate {
+            thumbprint,
+            private_key,
+        } => {
+            let bytes = hex::decode(thumbprint.replace(':', ""))
+                .ok()
+                .filter(|b| b.len() == 20);
             if bytes.is_none() {
                 return Err(ConfigError::at(
                     "dynamics.credential.certificate.thumbprint",
@@ -436,10 +477,16 @@ fn validate_dynamics(document: DynamicsDocument) -> Result<DynamicsConfig, Confi
         }
     }
     if !(1..=20).contains(&document.max_attempts) {
-        return Err(ConfigError::at("dynamics.max_attempts", "must be between 1 and 20"));
+        return Err(ConfigError::at(
+            "dynamics.max_attempts",
+            "must be between 1 and 20",
+        ));
     }
     if !(100..=120_000).contains(&document.request_timeout_ms) {
-        return Err(ConfigError::at("dynamics.request_timeout_ms", "must be between 100 and 120000"));
+        return Err(ConfigError::at(
+            "dynamics.request_timeout_ms",
+            "must be between 100 and 120000",
+        ));
     }
     Ok(DynamicsConfig {
         scope: format!("{org_url}/.default"),
@@ -458,7 +505,8 @@ fn validate_dynamics(document: DynamicsDocument) -> Result<DynamicsConfig, Confi
 
 /// A service URL must be https; plain http only on loopback (the emulator).
 fn parse_service_url(path: &str, text: &str) -> Result<Url, ConfigError> {
-    let url = Url::parse(text.trim()).map_err(|e| ConfigError::at(path, format!("`{text}` is not a URL: {e}")))?;
+    let url = Url::parse(text.trim())
+        .map_err(|e| ConfigError::at(path, format!("`{text}` is not a URL: {e}")))?;
     let loopback = match url.host() {
         Some(url::Host::Domain(domain)) => domain == "localhost",
         Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
@@ -468,18 +516,27 @@ fn parse_service_url(path: &str, text: &str) -> Result<Url, ConfigError> {
     match url.scheme() {
         "https" => Ok(url),
         "http" if loopback => Ok(url),
-        _ => Err(ConfigError::at(path, format!("`{text}` must be an https URL"))),
+        _ => Err(ConfigError::at(
+            path,
+            format!("`{text}` must be an https URL"),
+        )),
     }
 }
 
 fn validate_secret_ref(path: &str, secret: &SecretRef) -> Result<(), ConfigError> {
     match secret {
-        SecretRef::Env(name) if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') => {
-            Err(ConfigError::at(format!("{path}.env"), "must be an environment variable name"))
+        SecretRef::Env(name)
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') =>
+        {
+            Err(ConfigError::at(
+                format!("{path}.env"),
+                "must be an environment variable name",
+            ))
         }
-        SecretRef::SecretsManager(id) if id.trim().is_empty() => {
-            Err(ConfigError::at(format!("{path}.secrets_manager"), "must be a secret ARN or name"))
-        }
+        SecretRef::SecretsManager(id) if id.trim().is_empty() => Err(ConfigError::at(
+            format!("{path}.secrets_manager"),
+            "must be a secret ARN or name",
+        )),
         _ => Ok(()),
     }
 }
@@ -507,23 +564,38 @@ fn validate_directory(entities: &[EntityMapping]) -> Result<(), ConfigError> {
 /// and naming the exact key path of any error.
 pub(crate) fn parse_yaml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, ConfigError> {
     let mut track = serde_path_to_error::Track::new();
-    let tracked = serde_path_to_error::Deserializer::new(serde_norway::Deserializer::from_str(text), &mut track);
-    serde_norway::with::singleton_map_recursive::deserialize(tracked).map_err(|error: serde_norway::Error| {
-        let path = track.path().to_string();
-        // serde_norway's message may repeat the path; it ends with the line and column, which help.
-        let message = error.to_string();
-        let message = message
-            .split_once(": ")
-            .filter(|(prefix, _)| !prefix.contains(' '))
-            .map_or(message.as_str(), |(_, rest)| rest)
-            .to_owned();
-        ConfigError::at(if path == "." { "(document)".into() } else { path }, message)
-    })
+    let tracked = serde_path_to_error::Deserializer::new(
+        serde_norway::Deserializer::from_str(text),
+        &mut track,
+    );
+    serde_norway::with::singleton_map_recursive::deserialize(tracked).map_err(
+        |error: serde_norway::Error| {
+            let path = track.path().to_string();
+            // serde_norway's message may repeat the path; it ends with the line and column, which help.
+            let message = error.to_string();
+            let message = message
+                .split_once(": ")
+                .filter(|(prefix, _)| !prefix.contains(' '))
+                .map_or(message.as_str(), |(_, rest)| rest)
+                .to_owned();
+            ConfigError::at(
+                if path == "." {
+                    "(document)".into()
+                } else {
+                    path
+                },
+                message,
+            )
+        },
+    )
 }
 
 impl SecretRef {
     /// Resolves the secret: from the environment, or from Secrets Manager.
-    pub async fn resolve(&self, secrets: Option<&aws_sdk_secretsmanager::Client>) -> Result<Secret, String> {
+    pub async fn resolve(
+        &self,
+        secrets: Option<&aws_sdk_secretsmanager::Client>,
+    ) -> Result<Secret, String> {
         match self {
             Self::Env(name) => std::env::var(name)
                 .ok()
@@ -537,7 +609,12 @@ impl SecretRef {
                     .secret_id(id)
                     .send()
                     .await
-                    .map_err(|e| format!("secret `{id}`: {}", aws_sdk_secretsmanager::error::DisplayErrorContext(e)))?;
+                    .map_err(|e| {
+                        format!(
+                            "secret `{id}`: {}",
+                            aws_sdk_secretsmanager::error::DisplayErrorContext(e)
+                        )
+                    })?;
                 answer
                     .secret_string()
                     .map(Secret::new)
@@ -566,9 +643,18 @@ dynamics:
     #[test]
     fn minimal_document_gets_phonecall_defaults() {
         let config = Config::from_yaml(MINIMAL).unwrap();
-        assert_eq!(config.dynamics.org_url, "https://contoso-demo.crm.dynamics.com");
-        assert_eq!(config.dynamics.api_base.as_str(), "https://contoso-demo.crm.dynamics.com/api/data/v9.2/");
-        assert_eq!(config.dynamics.scope, "https://contoso-demo.crm.dynamics.com/.default");
+        assert_eq!(
+            config.dynamics.org_url,
+            "https://contoso-demo.crm.dynamics.com"
+        );
+        assert_eq!(
+            config.dynamics.api_base.as_str(),
+            "https://contoso-demo.crm.dynamics.com/api/data/v9.2/"
+        );
+        assert_eq!(
+            config.dynamics.scope,
+            "https://contoso-demo.crm.dynamics.com/.default"
+        );
         assert_eq!(
             config.dynamics.token_url.as_str(),
             "https://login.microsoftonline.com/9048f85d-df6b-44fd-8a90-90338af57872/oauth2/v2.0/token"
@@ -582,8 +668,13 @@ dynamics:
     fn unknown_key_is_named() {
         let error = error_of(&format!("{MINIMAL}  colour: blue\n"));
         assert_eq!(error.path(), Some("dynamics.colour"), "{error}");
-        assert!(error.to_string().contains("unknown field `colour`"), "{error}");
-        let error = error_of(&format!("{MINIMAL}contact:\n  ended:\n    body: {{}}\n    closing: {{}}\n"));
+        assert!(
+            error.to_string().contains("unknown field `colour`"),
+            "{error}"
+        );
+        let error = error_of(&format!(
+            "{MINIMAL}contact:\n  ended:\n    body: {{}}\n    closing: {{}}\n"
+        ));
         assert_eq!(error.path(), Some("contact.ended.closing"), "{error}");
     }
 
@@ -598,12 +689,18 @@ dynamics:
         let error = error_of(&format!(
             "{MINIMAL}contact:\n  ended:\n    body:\n      actualend: \"{{{{ DisconnectTimestamp | }}}}\"\n"
         ));
-        assert_eq!(error.path(), Some("contact.ended.body.actualend"), "{error}");
+        assert_eq!(
+            error.path(),
+            Some("contact.ended.body.actualend"),
+            "{error}"
+        );
     }
 
     #[test]
     fn invalid_entity_set_is_named() {
-        let error = error_of(&format!("{MINIMAL}contact:\n  entity_set: \"phonecalls?$top=1\"\n"));
+        let error = error_of(&format!(
+            "{MINIMAL}contact:\n  entity_set: \"phonecalls?$top=1\"\n"
+        ));
         assert_eq!(error.path(), Some("contact.entity_set"), "{error}");
         let error = error_of(&format!(
             "{MINIMAL}directory:\n  entities:\n    - {{ entity_set: contacts, logical_name: contact, key: \"contactid)\", name: fullname, phones: [telephone1] }}\n"
@@ -615,15 +712,26 @@ dynamics:
     fn dynamics_url_must_be_https_except_on_loopback() {
         let error = error_of(&MINIMAL.replace("https://contoso-demo", "http://contoso-demo"));
         assert_eq!(error.path(), Some("dynamics.url"));
-        let local = MINIMAL.replace("https://contoso-demo.crm.dynamics.com/", "http://127.0.0.1:8080");
+        let local = MINIMAL.replace(
+            "https://contoso-demo.crm.dynamics.com/",
+            "http://127.0.0.1:8080",
+        );
         assert!(Config::from_yaml(&local).is_ok());
     }
 
     #[test]
     fn secrets_cannot_be_written_inline() {
-        let error = error_of(&MINIMAL.replace("{ env: DYNAMICS_CLIENT_SECRET }", "{ value: hunter2 }"));
-        assert_eq!(error.path(), Some("dynamics.credential.client_secret.value"), "{error}");
-        assert!(error.to_string().contains("unknown variant `value`"), "{error}");
+        let error =
+            error_of(&MINIMAL.replace("{ env: DYNAMICS_CLIENT_SECRET }", "{ value: hunter2 }"));
+        assert_eq!(
+            error.path(),
+            Some("dynamics.credential.client_secret.value"),
+            "{error}"
+        );
+        assert!(
+            error.to_string().contains("unknown variant `value`"),
+            "{error}"
+        );
         assert!(!error.to_string().contains("hunter2"), "{error}");
     }
 
@@ -633,6 +741,9 @@ dynamics:
             "{ client_secret: { env: DYNAMICS_CLIENT_SECRET } }",
             "{ certificate: { thumbprint: abc, private_key: { secrets_manager: dynamics-key } } }",
         );
-        assert_eq!(error_of(&yaml).path(), Some("dynamics.credential.certificate.thumbprint"));
+        assert_eq!(
+            error_of(&yaml).path(),
+            Some("dynamics.credential.certificate.thumbprint")
+        );
     }
 }

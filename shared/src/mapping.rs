@@ -79,7 +79,11 @@ pub enum MappingError {
     #[error("{entity} record has no valid `{column}` id")]
     MissingKey { entity: String, column: String },
     #[error("{entity} {id}: required column `{column}` is missing or empty")]
-    MissingRequired { entity: String, id: Uuid, column: String },
+    MissingRequired {
+        entity: String,
+        id: Uuid,
+        column: String,
+    },
 }
 
 impl EntityMapping {
@@ -103,7 +107,11 @@ impl EntityMapping {
     /// Maps a fetched record, refusing it when a required column is empty.
     /// A phone column that does not hold a phone number is left out, not fatal:
     /// the record is still reachable through its other numbers.
-    pub fn map(&self, record: &Value, phones: &PhoneNormalizer) -> Result<DirectoryEntry, MappingError> {
+    pub fn map(
+        &self,
+        record: &Value,
+        phones: &PhoneNormalizer,
+    ) -> Result<DirectoryEntry, MappingError> {
         let entity = self.logical_name.as_str().to_owned();
         let id = record
             .get(self.key.as_str())
@@ -146,7 +154,10 @@ impl EntityMapping {
             .fields
             .iter()
             .map(|(name, field)| {
-                let raw = record.get(field.column.as_str()).cloned().unwrap_or(Value::Null);
+                let raw = record
+                    .get(field.column.as_str())
+                    .cloned()
+                    .unwrap_or(Value::Null);
                 (name.clone(), field.transform.apply(raw, phones))
             })
             .collect();
@@ -166,12 +177,17 @@ impl Transform {
         match (self, value) {
             (Self::Trim, Value::String(text)) => Value::String(text.trim().to_owned()),
             (Self::Lower, Value::String(text)) => Value::String(text.trim().to_lowercase()),
-            (Self::Phone, Value::String(text)) => phones.normalize(&text).map(Value::String).unwrap_or(Value::Null),
-            (Self::OptionSet(labels), Value::Number(number)) => match number.as_i64().and_then(|n| labels.get(&n)) {
-                Some(label) => Value::String(label.clone()),
-                // An option added in Dynamics after the mapping was written: keep the number.
-                None => Value::Number(number),
-            },
+            (Self::Phone, Value::String(text)) => phones
+                .normalize(&text)
+                .map(Value::String)
+                .unwrap_or(Value::Null),
+            (Self::OptionSet(labels), Value::Number(number)) => {
+                match number.as_i64().and_then(|n| labels.get(&n)) {
+                    Some(label) => Value::String(label.clone()),
+                    // An option added in Dynamics after the mapping was written: keep the number.
+                    None => Value::Number(number),
+                }
+            }
             (_, value) => value,
         }
     }
@@ -203,7 +219,16 @@ required: [lastname]
     fn select_lists_every_column_once() {
         assert_eq!(
             contact_mapping().select(),
-            ["contactid", "modifiedon", "fullname", "telephone1", "mobilephone", "emailaddress1", "customertypecode", "lastname"]
+            [
+                "contactid",
+                "modifiedon",
+                "fullname",
+                "telephone1",
+                "mobilephone",
+                "emailaddress1",
+                "customertypecode",
+                "lastname"
+            ]
         );
     }
 
@@ -245,7 +270,9 @@ required: [lastname]
             error.to_string(),
             "contact f21bd6bb-c4c1-480a-96a2-f634bc21eb22: required column `lastname` is missing or empty"
         );
-        let error = contact_mapping().map(&json!({"contactid": "nope"}), &phones).unwrap_err();
+        let error = contact_mapping()
+            .map(&json!({"contactid": "nope"}), &phones)
+            .unwrap_err();
         assert!(matches!(error, MappingError::MissingKey { .. }));
     }
 }

@@ -100,7 +100,12 @@ mod tests {
     #[test]
     fn north_american_numbers() {
         let us = PhoneNormalizer::new("+1").unwrap();
-        for form in ["(206) 555-0137", "206.555.0137", "1 206 555 0137", "+1 206-555-0137"] {
+        for form in [
+            "(206) 555-0137",
+            "206.555.0137",
+            "1 206 555 0137",
+            "+1 206-555-0137",
+        ] {
             assert_eq!(us.normalize(form).unwrap(), "+12065550137", "{form}");
         }
     }
@@ -108,7 +113,13 @@ mod tests {
     #[test]
     fn rejects_what_is_not_a_number() {
         let uk = PhoneNormalizer::new("44").unwrap();
-        for bad in ["", "abc", "12", "+44 77 00 90 01 23 45 67 89", "+44' or 1=1"] {
+        for bad in [
+            "",
+            "abc",
+            "12",
+            "+44 77 00 90 01 23 45 67 89",
+            "+44' or 1=1",
+        ] {
             assert!(uk.normalize(bad).is_err(), "{bad}");
         }
         assert!(PhoneNormalizer::new("0").is_err());

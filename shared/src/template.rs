@@ -60,9 +60,9 @@ impl TemplateError {
     /// The template's key path (`contact.ended.body.actualend`).
     pub fn path(&self) -> &str {
         match self {
-            Self::Syntax { path, .. } | Self::Undefined { path, .. } | Self::Render { path, .. } => {
-                path
-            }
+            Self::Syntax { path, .. }
+            | Self::Undefined { path, .. }
+            | Self::Render { path, .. } => path,
         }
     }
 }
@@ -83,7 +83,11 @@ impl Templates {
     }
 
     /// Compiles a JSON payload template; `path` names it in every error.
-    pub fn compile_payload(&mut self, path: &str, json: &Value) -> Result<PayloadTemplate, TemplateError> {
+    pub fn compile_payload(
+        &mut self,
+        path: &str,
+        json: &Value,
+    ) -> Result<PayloadTemplate, TemplateError> {
         let root = self.compile_node(path, json)?;
         Ok(PayloadTemplate {
             path: path.to_owned(),
@@ -92,7 +96,11 @@ impl Templates {
     }
 
     /// Compiles a text template (the whole string is one template).
-    pub fn compile_text(&mut self, path: &str, source: &str) -> Result<TextTemplate, TemplateError> {
+    pub fn compile_text(
+        &mut self,
+        path: &str,
+        source: &str,
+    ) -> Result<TextTemplate, TemplateError> {
         self.add(path, source.to_owned())?;
         Ok(TextTemplate {
             path: path.to_owned(),
@@ -121,7 +129,12 @@ impl Templates {
             Value::Object(fields) => Node::Object(
                 fields
                     .iter()
-                    .map(|(key, value)| Ok((key.clone(), self.compile_node(&format!("{path}.{key}"), value)?)))
+                    .map(|(key, value)| {
+                        Ok((
+                            key.clone(),
+                            self.compile_node(&format!("{path}.{key}"), value)?,
+                        ))
+                    })
                     .collect::<Result<_, _>>()?,
             ),
             literal => Node::Literal(literal.clone()),
@@ -138,14 +151,26 @@ impl Templates {
     }
 
     /// Renders a payload from a context (a JSON object of named values).
-    pub fn render(&self, template: &PayloadTemplate, context: &Value) -> Result<Value, TemplateError> {
+    pub fn render(
+        &self,
+        template: &PayloadTemplate,
+        context: &Value,
+    ) -> Result<Value, TemplateError> {
         let jinja_context = JinjaValue::from_serialize(context);
         self.render_node(&template.root, context, &jinja_context)
     }
 
     /// Renders a text template.
-    pub fn render_text(&self, template: &TextTemplate, context: &Value) -> Result<String, TemplateError> {
-        self.render_string(&template.path, context, &JinjaValue::from_serialize(context))
+    pub fn render_text(
+        &self,
+        template: &TextTemplate,
+        context: &Value,
+    ) -> Result<String, TemplateError> {
+        self.render_string(
+            &template.path,
+            context,
+            &JinjaValue::from_serialize(context),
+        )
     }
 
     /// The compiled template's key path, as named in errors.
@@ -153,16 +178,22 @@ impl Templates {
         &template.path
     }
 
-    fn render_node(&self, node: &Node, context: &Value, jinja_context: &JinjaValue) -> Result<Value, TemplateError> {
+    fn render_node(
+        &self,
+        node: &Node,
+        context: &Value,
+        jinja_context: &JinjaValue,
+    ) -> Result<Value, TemplateError> {
         Ok(match node {
             Node::Literal(value) => value.clone(),
             Node::Text(name) => Value::String(self.render_string(name, context, jinja_context)?),
             Node::Typed(name) => {
                 let json = self.render_string(name, context, jinja_context)?;
-                let value: Value = serde_json::from_str(&json).map_err(|error| TemplateError::Render {
-                    path: name.clone(),
-                    detail: format!("value is not JSON: {error}"),
-                })?;
+                let value: Value =
+                    serde_json::from_str(&json).map_err(|error| TemplateError::Render {
+                        path: name.clone(),
+                        detail: format!("value is not JSON: {error}"),
+                    })?;
                 if value.is_object() || value.is_array() {
                     return Err(TemplateError::Render {
                         path: name.clone(),
@@ -180,17 +211,30 @@ impl Templates {
             Node::Object(fields) => Value::Object(
                 fields
                     .iter()
-                    .map(|(key, value)| Ok((key.clone(), self.render_node(value, context, jinja_context)?)))
+                    .map(|(key, value)| {
+                        Ok((
+                            key.clone(),
+                            self.render_node(value, context, jinja_context)?,
+                        ))
+                    })
                     .collect::<Result<Map<_, _>, TemplateError>>()?,
             ),
         })
     }
 
-    fn render_string(&self, name: &str, context: &Value, jinja_context: &JinjaValue) -> Result<String, TemplateError> {
-        let template = self.env.get_template(name).map_err(|error| TemplateError::Render {
-            path: name.to_owned(),
-            detail: describe(&error),
-        })?;
+    fn render_string(
+        &self,
+        name: &str,
+        context: &Value,
+        jinja_context: &JinjaValue,
+    ) -> Result<String, TemplateError> {
+        let template = self
+            .env
+            .get_template(name)
+            .map_err(|error| TemplateError::Render {
+                path: name.to_owned(),
+                detail: describe(&error),
+            })?;
         template.render(jinja_context).map_err(|error| {
             if error.kind() == ErrorKind::UndefinedError {
                 let missing: BTreeSet<String> = template
@@ -201,7 +245,11 @@ impl Templates {
                 if !missing.is_empty() {
                     return TemplateError::Undefined {
                         path: name.to_owned(),
-                        variables: missing.iter().map(|v| format!("`{v}`")).collect::<Vec<_>>().join(", "),
+                        variables: missing
+                            .iter()
+                            .map(|v| format!("`{v}`"))
+                            .collect::<Vec<_>>()
+                            .join(", "),
                     };
                 }
             }
@@ -228,7 +276,8 @@ fn describe(error: &minijinja::Error) -> String {
 
 /// Follows a dotted variable path (`customer.name`) through the context.
 fn lookup<'a>(context: &'a Value, path: &str) -> Option<&'a Value> {
-    path.split('.').try_fold(context, |value, key| value.get(key))
+    path.split('.')
+        .try_fold(context, |value, key| value.get(key))
 }
 
 fn has_placeholder(text: &str) -> bool {
@@ -239,7 +288,8 @@ fn has_placeholder(text: &str) -> bool {
 fn single_placeholder(text: &str) -> Option<&str> {
     let inner = text.trim().strip_prefix("{{")?.strip_suffix("}}")?;
     let inner = inner.trim_start_matches('-').trim_end_matches('-');
-    (!inner.contains("{{") && !inner.contains("}}") && !inner.trim().is_empty()).then(|| inner.trim())
+    (!inner.contains("{{") && !inner.contains("}}") && !inner.trim().is_empty())
+        .then(|| inner.trim())
 }
 
 /// `truncate(n)`: at most `n` characters (Dynamics text columns have maximum lengths).
@@ -256,7 +306,8 @@ fn truncate(value: JinjaValue, length: usize) -> String {
 fn datetime(value: JinjaValue) -> Result<String, minijinja::Error> {
     let invalid = |detail: String| minijinja::Error::new(ErrorKind::InvalidOperation, detail);
     let instant = if let Some(text) = value.as_str() {
-        OffsetDateTime::parse(text, &Rfc3339).map_err(|e| invalid(format!("`{text}` is not an ISO-8601 timestamp: {e}")))?
+        OffsetDateTime::parse(text, &Rfc3339)
+            .map_err(|e| invalid(format!("`{text}` is not an ISO-8601 timestamp: {e}")))?
     } else if let Some(seconds) = value.as_i64() {
         OffsetDateTime::from_unix_timestamp(seconds).map_err(|e| invalid(e.to_string()))?
     } else {
@@ -332,12 +383,19 @@ mod tests {
             json!({"minutes": 7, "flag": true}),
         )
         .unwrap();
-        assert_eq!(body, json!({"minutes": 7, "flag": true, "none": null, "text": "7 min"}));
+        assert_eq!(
+            body,
+            json!({"minutes": 7, "flag": true, "none": null, "text": "7 min"})
+        );
     }
 
     #[test]
     fn single_placeholder_cannot_inject_structure() {
-        let error = render(json!({"x": "{{ customer }}"}), json!({"customer": {"a": 1}})).unwrap_err();
+        let error = render(
+            json!({"x": "{{ customer }}"}),
+            json!({"customer": {"a": 1}}),
+        )
+        .unwrap_err();
         assert!(matches!(error, TemplateError::Render { .. }), "{error}");
     }
 
@@ -382,7 +440,10 @@ mod tests {
     fn syntax_errors_name_the_path() {
         let mut templates = engine();
         let error = templates
-            .compile_payload("contact.ended.body", &json!({"actualend": "{{ ended_at | }}"}))
+            .compile_payload(
+                "contact.ended.body",
+                &json!({"actualend": "{{ ended_at | }}"}),
+            )
             .unwrap_err();
         assert_eq!(error.path(), "contact.ended.body.actualend");
         assert!(error.to_string().contains("does not parse"), "{error}");
@@ -390,7 +451,11 @@ mod tests {
 
     #[test]
     fn bad_datetime_is_an_error_not_a_panic() {
-        let error = render(json!({"x": "{{ at | datetime }}"}), json!({"at": "yesterday"})).unwrap_err();
+        let error = render(
+            json!({"x": "{{ at | datetime }}"}),
+            json!({"at": "yesterday"}),
+        )
+        .unwrap_err();
         assert!(error.to_string().contains("not an ISO-8601"), "{error}");
     }
 

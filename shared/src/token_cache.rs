@@ -53,7 +53,13 @@ pub struct TokenStore {
 }
 
 impl TokenStore {
-    pub fn new(client: aws_sdk_dynamodb::Client, table: impl Into<String>, tenant: &str, client_id: &str, scope: &str) -> Self {
+    pub fn new(
+        client: aws_sdk_dynamodb::Client,
+        table: impl Into<String>,
+        tenant: &str,
+        client_id: &str,
+        scope: &str,
+    ) -> Self {
         Self {
             client,
             table: table.into(),
@@ -113,7 +119,10 @@ impl TokenStore {
             .put_item()
             .table_name(&self.table)
             .item("cache_key", AttributeValue::S(self.cache_key.clone()))
-            .item("access_token", AttributeValue::S(token.token.expose().to_owned()))
+            .item(
+                "access_token",
+                AttributeValue::S(token.token.expose().to_owned()),
+            )
             .item("expires_at", number(token.expires_at))
             .item("ttl", number(token.expires_at + TTL_SLACK_SECS))
             .condition_expression("attribute_not_exists(expires_at) OR expires_at < :mine")
@@ -155,7 +164,10 @@ impl TokenStore {
             .table_name(&self.table)
             .key("cache_key", AttributeValue::S(self.cache_key.clone()))
             .condition_expression("access_token = :refused")
-            .expression_attribute_values(":refused", AttributeValue::S(token.token.expose().to_owned()))
+            .expression_attribute_values(
+                ":refused",
+                AttributeValue::S(token.token.expose().to_owned()),
+            )
             .send()
             .await;
         match result {
@@ -181,7 +193,9 @@ fn number(value: u64) -> AttributeValue {
 }
 
 fn unix_millis() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn token_from_item(item: &HashMap<String, AttributeValue>) -> Option<AccessToken> {
@@ -236,7 +250,11 @@ impl TokenCache {
         }
     }
 
-    async fn shared_refresh(&self, store: &TokenStore, deadline: Instant) -> Result<AccessToken, TokenError> {
+    async fn shared_refresh(
+        &self,
+        store: &TokenStore,
+        deadline: Instant,
+    ) -> Result<AccessToken, TokenError> {
         let owner = uuid::Uuid::new_v4().to_string();
         loop {
             match store.read().await {
@@ -261,7 +279,8 @@ impl TokenCache {
                     let pause = Duration::from_millis(40 + fastrand::u64(0..40));
                     if Instant::now() + pause >= deadline {
                         return Err(TokenError::Unavailable(
-                            "deadline reached while another container was refreshing the token".into(),
+                            "deadline reached while another container was refreshing the token"
+                                .into(),
                         ));
                     }
                     tokio::time::sleep(pause).await;

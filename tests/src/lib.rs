@@ -3,7 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use aws_sdk_dynamodb::types::{AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType};
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
+};
 use dataverse_emulator::{Emulator, EmulatorOptions};
 use shared::auth::Authenticator;
 use shared::config::Config;
@@ -15,7 +17,9 @@ use shared::token_cache::{TokenCache, TokenStore};
 /// The moto_server endpoint the test command started (`AWS_ENDPOINT_URL`).
 pub fn aws_endpoint() -> String {
     std::env::var("AWS_ENDPOINT_URL").unwrap_or_else(|_| {
-        panic!("AWS_ENDPOINT_URL is not set: run the tests with `tests/run`, which starts moto_server")
+        panic!(
+            "AWS_ENDPOINT_URL is not set: run the tests with `tests/run`, which starts moto_server"
+        )
     })
 }
 
@@ -24,7 +28,9 @@ pub async fn aws_config() -> aws_config::SdkConfig {
     aws_config::defaults(aws_config::BehaviorVersion::latest())
         .region(aws_config::Region::new("us-east-1"))
         .endpoint_url(aws_endpoint())
-        .credentials_provider(aws_sdk_dynamodb::config::Credentials::new("testing", "testing", None, None, "tests"))
+        .credentials_provider(aws_sdk_dynamodb::config::Credentials::new(
+            "testing", "testing", None, None, "tests",
+        ))
         .load()
         .await
 }
@@ -65,7 +71,9 @@ pub async fn emulator() -> Emulator {
 }
 
 pub async fn emulator_with(options: EmulatorOptions) -> Emulator {
-    Emulator::start(options).await.expect("start the Dataverse emulator")
+    Emulator::start(options)
+        .await
+        .expect("start the Dataverse emulator")
 }
 
 /// A configuration document for the emulator (client secret from an env var the
@@ -113,7 +121,11 @@ pub fn client(emulator: &Emulator, store: Option<TokenStore>) -> DataverseClient
     )
 }
 
-pub fn token_store(dynamodb: &aws_sdk_dynamodb::Client, table: &str, emulator: &Emulator) -> TokenStore {
+pub fn token_store(
+    dynamodb: &aws_sdk_dynamodb::Client,
+    table: &str,
+    emulator: &Emulator,
+) -> TokenStore {
     let config = config(emulator);
     TokenStore::new(
         dynamodb.clone(),

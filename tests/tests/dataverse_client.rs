@@ -21,24 +21,43 @@ async fn create_get_update_upsert_delete() {
     let phonecalls = set("phonecalls");
 
     let id = client
-        .create(&phonecalls, &json!({"subject": "Inbound call", "directioncode": false}), deadline(10))
+        .create(
+            &phonecalls,
+            &json!({"subject": "Inbound call", "directioncode": false}),
+            deadline(10),
+        )
         .await
         .unwrap();
     let created = emulator.record("phonecalls", id).unwrap();
     assert_eq!(created["subject"], "Inbound call");
 
     let returned = client
-        .create_returning(&set("contacts"), &json!({"firstname": "Maren", "lastname": "Holt"}), &["fullname"], deadline(10))
+        .create_returning(
+            &set("contacts"),
+            &json!({"firstname": "Maren", "lastname": "Holt"}),
+            &["fullname"],
+            deadline(10),
+        )
         .await
         .unwrap();
     assert_eq!(returned["fullname"], "Maren Holt");
 
     client
-        .update(&phonecalls, id, &json!({"description": "answered"}), deadline(10))
+        .update(
+            &phonecalls,
+            id,
+            &json!({"description": "answered"}),
+            deadline(10),
+        )
         .await
         .unwrap();
     let fetched = client
-        .get(&phonecalls, id, &["subject".into(), "description".into()], deadline(10))
+        .get(
+            &phonecalls,
+            id,
+            &["subject".into(), "description".into()],
+            deadline(10),
+        )
         .await
         .unwrap()
         .unwrap();
@@ -48,7 +67,12 @@ async fn create_get_update_upsert_delete() {
     // An update never creates: a missing record is a permanent 404.
     let missing = Uuid::new_v4();
     let error = client
-        .update(&phonecalls, missing, &json!({"subject": "ghost"}), deadline(10))
+        .update(
+            &phonecalls,
+            missing,
+            &json!({"subject": "ghost"}),
+            deadline(10),
+        )
         .await
         .unwrap_err();
     assert!(error.is_not_found() && !error.is_transient(), "{error:?}");
@@ -58,30 +82,64 @@ async fn create_get_update_upsert_delete() {
     let deterministic = Uuid::new_v5(&Uuid::NAMESPACE_URL, b"contact-1");
     for subject in ["first", "second"] {
         client
-            .upsert(&phonecalls, deterministic, &json!({"subject": subject}), deadline(10))
+            .upsert(
+                &phonecalls,
+                deterministic,
+                &json!({"subject": subject}),
+                deadline(10),
+            )
             .await
             .unwrap();
     }
-    assert_eq!(emulator.record("phonecalls", deterministic).unwrap()["subject"], "second");
-    assert!(!client.create_with_id(&phonecalls, deterministic, &json!({"subject": "x"}), deadline(10)).await.unwrap());
+    assert_eq!(
+        emulator.record("phonecalls", deterministic).unwrap()["subject"],
+        "second"
+    );
+    assert!(
+        !client
+            .create_with_id(
+                &phonecalls,
+                deterministic,
+                &json!({"subject": "x"}),
+                deadline(10)
+            )
+            .await
+            .unwrap()
+    );
 
     assert!(client.delete(&phonecalls, id, deadline(10)).await.unwrap());
     assert!(!client.delete(&phonecalls, id, deadline(10)).await.unwrap());
-    assert!(client.get(&phonecalls, id, &[], deadline(10)).await.unwrap().is_none());
+    assert!(
+        client
+            .get(&phonecalls, id, &[], deadline(10))
+            .await
+            .unwrap()
+            .is_none()
+    );
 
     let log = emulator.requests();
-    let updates: Vec<_> = log.iter().filter(|r| r.method == "PATCH" && r.body.contains("answered")).collect();
+    let updates: Vec<_> = log
+        .iter()
+        .filter(|r| r.method == "PATCH" && r.body.contains("answered"))
+        .collect();
     assert_eq!(updates.len(), 1);
     assert_eq!(updates[0].header("if-match"), Some("*"));
-    assert!(log.iter().all(|r| r.header("odata-version") == Some("4.0") && r.header("accept") == Some("application/json")));
+    assert!(log.iter().all(|r| r.header("odata-version") == Some("4.0")
+        && r.header("accept") == Some("application/json")));
 }
 
 #[tokio::test]
 async fn filter_values_with_plus_and_quotes_match() {
     let emulator = emulator().await;
     let client = client(&emulator, None);
-    emulator.seed("contacts", json!({"lastname": "O'Shea", "telephone1": "+447700900123"}));
-    emulator.seed("contacts", json!({"lastname": "Other", "telephone1": "+447700900999"}));
+    emulator.seed(
+        "contacts",
+        json!({"lastname": "O'Shea", "telephone1": "+447700900123"}),
+    );
+    emulator.seed(
+        "contacts",
+        json!({"lastname": "Other", "telephone1": "+447700900999"}),
+    );
     let query = Query {
         select: vec!["lastname".into(), "telephone1".into()],
         filter: Some(format!(
@@ -91,7 +149,10 @@ async fn filter_values_with_plus_and_quotes_match() {
         )),
         ..Query::default()
     };
-    let page = client.query(&set("contacts"), &query, deadline(10)).await.unwrap();
+    let page = client
+        .query(&set("contacts"), &query, deadline(10))
+        .await
+        .unwrap();
     assert_eq!(page.records.len(), 1, "{:?}", page.records);
     assert_eq!(page.records[0]["lastname"], "O'Shea");
     let sent = emulator.requests().pop().unwrap().target;
@@ -110,19 +171,39 @@ async fn paging_follows_next_links() {
         page_size: Some(3),
         ..Query::default()
     };
-    let mut page = client.query(&set("accounts"), &query, deadline(10)).await.unwrap();
+    let mut page = client
+        .query(&set("accounts"), &query, deadline(10))
+        .await
+        .unwrap();
     let mut names = Vec::new();
     let mut pages = 1;
     loop {
-        names.extend(page.records.iter().map(|r| r["name"].as_str().unwrap().to_owned()));
-        let Some(next) = page.next_link.clone() else { break };
-        page = client.next_page(&next, query.page_size, deadline(10)).await.unwrap();
+        names.extend(
+            page.records
+                .iter()
+                .map(|r| r["name"].as_str().unwrap().to_owned()),
+        );
+        let Some(next) = page.next_link.clone() else {
+            break;
+        };
+        page = client
+            .next_page(&next, query.page_size, deadline(10))
+            .await
+            .unwrap();
         pages += 1;
     }
     names.sort();
     assert_eq!(pages, 3);
-    assert_eq!(names, (0..7).map(|n| format!("Account {n}")).collect::<Vec<_>>());
-    assert!(emulator.requests().iter().all(|r| r.header("prefer") == Some("odata.maxpagesize=3")));
+    assert_eq!(
+        names,
+        (0..7).map(|n| format!("Account {n}")).collect::<Vec<_>>()
+    );
+    assert!(
+        emulator
+            .requests()
+            .iter()
+            .all(|r| r.header("prefer") == Some("odata.maxpagesize=3"))
+    );
 }
 
 #[tokio::test]
@@ -130,13 +211,21 @@ async fn change_tracking_reports_changes_and_deletions_then_expires() {
     let emulator = emulator().await;
     let client = client(&emulator, None);
     let accounts = set("accounts");
-    let ids: Vec<Uuid> = (0..5).map(|n| emulator.seed("accounts", json!({"name": format!("A{n}")}))).collect();
+    let ids: Vec<Uuid> = (0..5)
+        .map(|n| emulator.seed("accounts", json!({"name": format!("A{n}")})))
+        .collect();
     let select = vec!["name".to_owned()];
 
-    let mut page = client.track_changes(&accounts, &select, 2, deadline(10)).await.unwrap();
+    let mut page = client
+        .track_changes(&accounts, &select, 2, deadline(10))
+        .await
+        .unwrap();
     let mut initial = page.changes.len();
     while let Some(next) = page.next_link.clone() {
-        assert!(page.delta_link.is_none(), "the delta link comes only on the last page");
+        assert!(
+            page.delta_link.is_none(),
+            "the delta link comes only on the last page"
+        );
         page = client.follow_changes(&next, 2, deadline(10)).await.unwrap();
         initial += page.changes.len();
     }
@@ -146,7 +235,10 @@ async fn change_tracking_reports_changes_and_deletions_then_expires() {
     emulator.modify("accounts", ids[1], json!({"name": "A1 renamed"}));
     emulator.remove("accounts", ids[3]);
     let added = emulator.seed("accounts", json!({"name": "A5"}));
-    let delta = client.follow_changes(&delta_link, 100, deadline(10)).await.unwrap();
+    let delta = client
+        .follow_changes(&delta_link, 100, deadline(10))
+        .await
+        .unwrap();
     let mut upserted: Vec<String> = delta
         .changes
         .iter()
@@ -163,16 +255,28 @@ async fn change_tracking_reports_changes_and_deletions_then_expires() {
     assert!(delta.delta_link.is_some());
 
     emulator.expire_delta_tokens();
-    let error = client.follow_changes(&delta.delta_link.unwrap(), 100, deadline(10)).await.unwrap_err();
-    assert!(matches!(error, DataverseError::DeltaExpired { ref code, .. } if code == "0x80044352"), "{error:?}");
+    let error = client
+        .follow_changes(&delta.delta_link.unwrap(), 100, deadline(10))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, DataverseError::DeltaExpired { ref code, .. } if code == "0x80044352"),
+        "{error:?}"
+    );
 }
 
 #[tokio::test]
 async fn untracked_table_fails_loudly() {
     let emulator = emulator().await;
     let client = client(&emulator, None);
-    let error = client.track_changes(&set("phonecalls"), &[], 10, deadline(10)).await.unwrap_err();
-    assert!(error.to_string().contains("change tracking is not enabled"), "{error}");
+    let error = client
+        .track_changes(&set("phonecalls"), &[], 10, deadline(10))
+        .await
+        .unwrap_err();
+    assert!(
+        error.to_string().contains("change tracking is not enabled"),
+        "{error}"
+    );
 }
 
 #[tokio::test]
@@ -207,7 +311,14 @@ async fn batch_change_set_applies_all_or_nothing() {
         .collect();
     let responses = client.batch(&many, false, deadline(30)).await.unwrap();
     assert_eq!(responses.len(), 1500);
-    assert_eq!(emulator.requests().iter().filter(|r| r.target.ends_with("$batch")).count(), 4);
+    assert_eq!(
+        emulator
+            .requests()
+            .iter()
+            .filter(|r| r.target.ends_with("$batch"))
+            .count(),
+        4
+    );
 }
 
 #[tokio::test]
@@ -223,18 +334,36 @@ async fn throttle_storm_every_operation_succeeds_and_retry_after_is_honoured() {
     for n in 0..20 {
         let id = Uuid::new_v4();
         client
-            .upsert(&phonecalls, id, &json!({"subject": format!("call {n}")}), deadline(60))
+            .upsert(
+                &phonecalls,
+                id,
+                &json!({"subject": format!("call {n}")}),
+                deadline(60),
+            )
             .await
             .unwrap();
         client
-            .update(&phonecalls, id, &json!({"description": "done"}), deadline(60))
+            .update(
+                &phonecalls,
+                id,
+                &json!({"description": "done"}),
+                deadline(60),
+            )
             .await
             .unwrap();
     }
     let log = emulator.requests();
     let throttled = log.iter().filter(|r| r.status == 429).count();
-    assert!(throttled >= 5, "a 30% storm over {} requests throttled only {throttled}", log.len());
-    assert_eq!(emulator.premature_requests(), 0, "a request was sent before Retry-After elapsed");
+    assert!(
+        throttled >= 5,
+        "a 30% storm over {} requests throttled only {throttled}",
+        log.len()
+    );
+    assert_eq!(
+        emulator.premature_requests(),
+        0,
+        "a request was sent before Retry-After elapsed"
+    );
     assert_eq!(emulator.records("phonecalls").len(), 20);
     assert_eq!(client.stats().throttled as usize, throttled);
 }
@@ -243,13 +372,23 @@ async fn throttle_storm_every_operation_succeeds_and_retry_after_is_honoured() {
 async fn retry_after_longer_than_the_deadline_hands_back_at_once() {
     let emulator = emulator().await;
     let client = client(&emulator, None);
-    emulator.push_fault(Fault::Throttle { retry_after_secs: 30 });
+    emulator.push_fault(Fault::Throttle {
+        retry_after_secs: 30,
+    });
     let started = Instant::now();
     let error = client
-        .upsert(&set("phonecalls"), Uuid::new_v4(), &json!({"subject": "x"}), deadline(2))
+        .upsert(
+            &set("phonecalls"),
+            Uuid::new_v4(),
+            &json!({"subject": "x"}),
+            deadline(2),
+        )
         .await
         .unwrap_err();
-    assert!(matches!(error, DataverseError::Throttled { retry_after: Some(d) } if d == Duration::from_secs(30)), "{error:?}");
+    assert!(
+        matches!(error, DataverseError::Throttled { retry_after: Some(d) } if d == Duration::from_secs(30)),
+        "{error:?}"
+    );
     assert!(error.is_transient());
     assert!(started.elapsed() < Duration::from_secs(2));
     assert_eq!(emulator.requests().len(), 1);
@@ -262,7 +401,12 @@ async fn server_errors_are_retried_then_succeed() {
     emulator.push_fault(Fault::Status(503));
     emulator.push_fault(Fault::Status(502));
     client
-        .upsert(&set("phonecalls"), Uuid::new_v4(), &json!({"subject": "x"}), deadline(10))
+        .upsert(
+            &set("phonecalls"),
+            Uuid::new_v4(),
+            &json!({"subject": "x"}),
+            deadline(10),
+        )
         .await
         .unwrap();
     let statuses: Vec<u16> = emulator.requests().iter().map(|r| r.status).collect();
@@ -274,11 +418,35 @@ async fn expired_token_leads_to_exactly_one_refresh() {
     let emulator = emulator().await;
     let client = client(&emulator, None);
     let phonecalls = set("phonecalls");
-    client.upsert(&phonecalls, Uuid::new_v4(), &json!({"subject": "a"}), deadline(10)).await.unwrap();
+    client
+        .upsert(
+            &phonecalls,
+            Uuid::new_v4(),
+            &json!({"subject": "a"}),
+            deadline(10),
+        )
+        .await
+        .unwrap();
     assert_eq!(emulator.token_requests(), 1);
     emulator.expire_tokens();
-    client.upsert(&phonecalls, Uuid::new_v4(), &json!({"subject": "b"}), deadline(10)).await.unwrap();
-    client.upsert(&phonecalls, Uuid::new_v4(), &json!({"subject": "c"}), deadline(10)).await.unwrap();
+    client
+        .upsert(
+            &phonecalls,
+            Uuid::new_v4(),
+            &json!({"subject": "b"}),
+            deadline(10),
+        )
+        .await
+        .unwrap();
+    client
+        .upsert(
+            &phonecalls,
+            Uuid::new_v4(),
+            &json!({"subject": "c"}),
+            deadline(10),
+        )
+        .await
+        .unwrap();
     assert_eq!(emulator.token_requests(), 2);
     let statuses: Vec<u16> = emulator.requests().iter().map(|r| r.status).collect();
     assert_eq!(statuses, [204, 401, 204, 204]);
@@ -289,11 +457,18 @@ async fn permanent_errors_are_not_retried() {
     let emulator = emulator().await;
     let client = client(&emulator, None);
     let error = client
-        .upsert(&set("phonecalls"), Uuid::new_v4(), &json!({"subject": "x", "colour": "blue"}), deadline(10))
+        .upsert(
+            &set("phonecalls"),
+            Uuid::new_v4(),
+            &json!({"subject": "x", "colour": "blue"}),
+            deadline(10),
+        )
         .await
         .unwrap_err();
     match &error {
-        DataverseError::Rejected { status, message, .. } => {
+        DataverseError::Rejected {
+            status, message, ..
+        } => {
             assert_eq!(*status, 400);
             assert!(message.contains("Invalid property 'colour'"), "{message}");
         }
@@ -304,10 +479,20 @@ async fn permanent_errors_are_not_retried() {
 
     let long = "x".repeat(201);
     let error = client
-        .upsert(&set("phonecalls"), Uuid::new_v4(), &json!({"subject": long}), deadline(10))
+        .upsert(
+            &set("phonecalls"),
+            Uuid::new_v4(),
+            &json!({"subject": long}),
+            deadline(10),
+        )
         .await
         .unwrap_err();
-    assert!(error.to_string().contains("maximum allowed length of '200'"), "{error}");
+    assert!(
+        error
+            .to_string()
+            .contains("maximum allowed length of '200'"),
+        "{error}"
+    );
 }
 
 #[tokio::test]
@@ -316,10 +501,32 @@ async fn closed_activity_refuses_updates() {
     let client = client(&emulator, None);
     let phonecalls = set("phonecalls");
     let id = Uuid::new_v4();
-    client.upsert(&phonecalls, id, &json!({"subject": "call"}), deadline(10)).await.unwrap();
-    client.update(&phonecalls, id, &json!({"statecode": 1, "statuscode": 4}), deadline(10)).await.unwrap();
-    let error = client.update(&phonecalls, id, &json!({"description": "late"}), deadline(10)).await.unwrap_err();
-    assert!(matches!(error, DataverseError::Rejected { status: 400, .. }), "{error:?}");
+    client
+        .upsert(&phonecalls, id, &json!({"subject": "call"}), deadline(10))
+        .await
+        .unwrap();
+    client
+        .update(
+            &phonecalls,
+            id,
+            &json!({"statecode": 1, "statuscode": 4}),
+            deadline(10),
+        )
+        .await
+        .unwrap();
+    let error = client
+        .update(
+            &phonecalls,
+            id,
+            &json!({"description": "late"}),
+            deadline(10),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, DataverseError::Rejected { status: 400, .. }),
+        "{error:?}"
+    );
 }
 
 #[tokio::test]
@@ -336,8 +543,58 @@ async fn wrong_secret_is_a_permanent_credential_error() {
         Default::default(),
         Duration::from_secs(3),
     );
-    let error = client.get(&set("contacts"), Uuid::new_v4(), &[], deadline(10)).await.unwrap_err();
+    let error = client
+        .get(&set("contacts"), Uuid::new_v4(), &[], deadline(10))
+        .await
+        .unwrap_err();
     assert!(!error.is_transient());
     assert!(error.to_string().contains("invalid_client"), "{error}");
     assert!(!format!("{error:?}").contains("wrong"));
+}
+
+#[tokio::test]
+async fn certificate_credentials_sign_a_client_assertion() {
+    use base64::Engine as _;
+    const THUMBPRINT: &str = "3f9a1c02d4e5f60718293a4b5c6d7e8f90a1b2c3";
+    let x5t = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(hex_bytes(THUMBPRINT));
+    let emulator = e2e::emulator_with(dataverse_emulator::EmulatorOptions {
+        certificate: Some(dataverse_emulator::TrustedCertificate {
+            public_key_pem: include_str!("../fixtures/test-certificate-public.pem").into(),
+            x5t,
+        }),
+        ..Default::default()
+    })
+    .await;
+    let yaml = e2e::config_yaml(&emulator).replace(
+        "{ client_secret: { env: CONNECT_DYNAMICS_TEST_SECRET } }",
+        &format!("{{ certificate: {{ thumbprint: {THUMBPRINT}, private_key: {{ env: CONNECT_DYNAMICS_TEST_KEY }} }} }}"),
+    );
+    let config = shared::config::Config::from_yaml(&yaml).unwrap();
+    let http = shared::dataverse::DataverseClient::http_client().unwrap();
+    let authenticator = shared::auth::Authenticator::new(http, &config.dynamics, None).with_secret(
+        shared::secret::Secret::new(include_str!("../fixtures/test-certificate-key.pem")),
+    );
+    let token = authenticator.request_token().await.unwrap();
+    assert!(token.expires_at > 0);
+    assert_eq!(emulator.token_requests(), 1);
+
+    // The same assertion flow with the wrong thumbprint is refused.
+    let wrong = yaml.replace(THUMBPRINT, "00000000000000000000000000000000000000ff");
+    let config = shared::config::Config::from_yaml(&wrong).unwrap();
+    let http = shared::dataverse::DataverseClient::http_client().unwrap();
+    let authenticator = shared::auth::Authenticator::new(http, &config.dynamics, None).with_secret(
+        shared::secret::Secret::new(include_str!("../fixtures/test-certificate-key.pem")),
+    );
+    let error = authenticator.request_token().await.unwrap_err();
+    assert!(
+        !error.is_transient() && error.to_string().contains("invalid_client"),
+        "{error}"
+    );
+}
+
+fn hex_bytes(hex: &str) -> Vec<u8> {
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+        .collect()
 }

@@ -28,16 +28,36 @@ pub struct BatchOperation {
 
 impl BatchOperation {
     pub fn create(set: &EntitySet, body: Value) -> Self {
-        Self { method: "POST", path: set.to_string(), headers: vec![], body: Some(body) }
+        Self {
+            method: "POST",
+            path: set.to_string(),
+            headers: vec![],
+            body: Some(body),
+        }
     }
     pub fn upsert(set: &EntitySet, id: Uuid, body: Value) -> Self {
-        Self { method: "PATCH", path: format!("{set}({id})"), headers: vec![], body: Some(body) }
+        Self {
+            method: "PATCH",
+            path: format!("{set}({id})"),
+            headers: vec![],
+            body: Some(body),
+        }
     }
     pub fn update(set: &EntitySet, id: Uuid, body: Value) -> Self {
-        Self { method: "PATCH", path: format!("{set}({id})"), headers: vec![("If-Match", "*")], body: Some(body) }
+        Self {
+            method: "PATCH",
+            path: format!("{set}({id})"),
+            headers: vec![("If-Match", "*")],
+            body: Some(body),
+        }
     }
     pub fn delete(set: &EntitySet, id: Uuid) -> Self {
-        Self { method: "DELETE", path: format!("{set}({id})"), headers: vec![], body: None }
+        Self {
+            method: "DELETE",
+            path: format!("{set}({id})"),
+            headers: vec![],
+            body: None,
+        }
     }
 }
 
@@ -63,8 +83,15 @@ impl BatchResponse {
         let (code, message) = parse_error_body(&self.body);
         Some(match self.status {
             429 => DataverseError::Throttled { retry_after: None },
-            status @ (500 | 502..=504) => DataverseError::Unavailable { status, attempts: 1 },
-            status => DataverseError::Rejected { status, code, message },
+            status @ (500 | 502..=504) => DataverseError::Unavailable {
+                status,
+                attempts: 1,
+            },
+            status => DataverseError::Rejected {
+                status,
+                code,
+                message,
+            },
         })
     }
 
@@ -80,11 +107,18 @@ impl DataverseClient {
     /// Runs operations in batches of at most 1,000. With `atomic`, each batch is
     /// one change set: all of it applies or none. Returns one response per
     /// operation that ran, in order.
-    pub async fn batch(&self, operations: &[BatchOperation], atomic: bool, deadline: Instant) -> Result<Vec<BatchResponse>, DataverseError> {
+    pub async fn batch(
+        &self,
+        operations: &[BatchOperation],
+        atomic: bool,
+        deadline: Instant,
+    ) -> Result<Vec<BatchResponse>, DataverseError> {
         let mut responses = Vec::with_capacity(operations.len());
         for chunk in operations.chunks(MAX_OPERATIONS) {
             let (content_type, body) = encode(self.api_base().as_str(), chunk, atomic);
-            let (answer_type, answer) = self.send_batch(content_type, body.into_bytes(), deadline).await?;
+            let (answer_type, answer) = self
+                .send_batch(content_type, body.into_bytes(), deadline)
+                .await?;
             responses.extend(decode(&answer_type, &answer)?);
         }
         Ok(responses)
@@ -95,23 +129,31 @@ impl DataverseClient {
 pub fn encode(api_base: &str, operations: &[BatchOperation], atomic: bool) -> (String, String) {
     let batch = format!("batch_{}", Uuid::new_v4());
     let mut out = String::new();
-    let write_operation = |out: &mut String, operation: &BatchOperation, content_id: Option<usize>| {
-        out.push_str("Content-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n");
-        if let Some(id) = content_id {
-            out.push_str(&format!("Content-ID: {id}\r\n"));
-        }
-        out.push_str(&format!("\r\n{} {api_base}{} HTTP/1.1\r\n", operation.method, operation.path));
-        for (name, value) in &operation.headers {
-            out.push_str(&format!("{name}: {value}\r\n"));
-        }
-        match &operation.body {
-            Some(body) => out.push_str(&format!("Content-Type: application/json;type=entry\r\n\r\n{body}\r\n")),
-            None => out.push_str("\r\n"),
-        }
-    };
+    let write_operation =
+        |out: &mut String, operation: &BatchOperation, content_id: Option<usize>| {
+            out.push_str("Content-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n");
+            if let Some(id) = content_id {
+                out.push_str(&format!("Content-ID: {id}\r\n"));
+            }
+            out.push_str(&format!(
+                "\r\n{} {api_base}{} HTTP/1.1\r\n",
+                operation.method, operation.path
+            ));
+            for (name, value) in &operation.headers {
+                out.push_str(&format!("{name}: {value}\r\n"));
+            }
+            match &operation.body {
+                Some(body) => out.push_str(&format!(
+                    "Content-Type: application/json;type=entry\r\n\r\n{body}\r\n"
+                )),
+                None => out.push_str("\r\n"),
+            }
+        };
     if atomic {
         let changeset = format!("changeset_{}", Uuid::new_v4());
-        out.push_str(&format!("--{batch}\r\nContent-Type: multipart/mixed;boundary={changeset}\r\n\r\n"));
+        out.push_str(&format!(
+            "--{batch}\r\nContent-Type: multipart/mixed;boundary={changeset}\r\n\r\n"
+        ));
         for (index, operation) in operations.iter().enumerate() {
             out.push_str(&format!("--{changeset}\r\n"));
             write_operation(&mut out, operation, Some(index + 1));
@@ -129,8 +171,9 @@ pub fn encode(api_base: &str, operations: &[BatchOperation], atomic: bool) -> (S
 
 /// Parses a `multipart/mixed` batch answer, change sets included, into its parts.
 pub fn decode(content_type: &str, body: &str) -> Result<Vec<BatchResponse>, DataverseError> {
-    let boundary = boundary_of(content_type)
-        .ok_or_else(|| DataverseError::Protocol(format!("batch answer has no boundary in `{content_type}`")))?;
+    let boundary = boundary_of(content_type).ok_or_else(|| {
+        DataverseError::Protocol(format!("batch answer has no boundary in `{content_type}`"))
+    })?;
     let mut responses = Vec::new();
     let delimiter = format!("--{boundary}");
     for segment in body.split(delimiter.as_str()).skip(1) {
@@ -140,7 +183,10 @@ pub fn decode(content_type: &str, body: &str) -> Result<Vec<BatchResponse>, Data
         let (headers, content) = split_head(segment.trim_start_matches(['\r', '\n']));
         let headers = parse_headers(headers);
         let part_type = find(&headers, "Content-Type").unwrap_or_default();
-        if part_type.to_ascii_lowercase().starts_with("multipart/mixed") {
+        if part_type
+            .to_ascii_lowercase()
+            .starts_with("multipart/mixed")
+        {
             responses.extend(decode(part_type, content)?);
             continue;
         }
@@ -151,7 +197,9 @@ pub fn decode(content_type: &str, body: &str) -> Result<Vec<BatchResponse>, Data
             .split_whitespace()
             .nth(1)
             .and_then(|code| code.parse().ok())
-            .ok_or_else(|| DataverseError::Protocol(format!("batch part has no status line: `{status_line}`")))?;
+            .ok_or_else(|| {
+                DataverseError::Protocol(format!("batch part has no status line: `{status_line}`"))
+            })?;
         responses.push(BatchResponse {
             status,
             content_id: find(&headers, "Content-ID").map(str::to_owned),
@@ -165,7 +213,9 @@ pub fn decode(content_type: &str, body: &str) -> Result<Vec<BatchResponse>, Data
 fn boundary_of(content_type: &str) -> Option<&str> {
     content_type.split(';').find_map(|param| {
         let (key, value) = param.split_once('=')?;
-        key.trim().eq_ignore_ascii_case("boundary").then(|| value.trim().trim_matches('"'))
+        key.trim()
+            .eq_ignore_ascii_case("boundary")
+            .then(|| value.trim().trim_matches('"'))
     })
 }
 
@@ -202,7 +252,11 @@ mod tests {
 
     #[test]
     fn decodes_the_documented_sample() {
-        let sample = if SAMPLE.contains("\r\n") { SAMPLE.to_owned() } else { SAMPLE.replace('\n', "\r\n") };
+        let sample = if SAMPLE.contains("\r\n") {
+            SAMPLE.to_owned()
+        } else {
+            SAMPLE.replace('\n', "\r\n")
+        };
         let parts = decode(
             "multipart/mixed; boundary=batchresponse_b3148385-0d85-4e9d-8506-8f288751c23e",
             &sample,
@@ -213,7 +267,9 @@ mod tests {
         assert_eq!(parts[1].content_id.as_deref(), Some("2"));
         assert_eq!(
             parts[0].header("OData-EntityId"),
-            Some("https://contoso-demo.crm.dynamics.com/api/data/v9.2/tasks(620e05c0-6dd3-4103-ab72-b4583b67d810)")
+            Some(
+                "https://contoso-demo.crm.dynamics.com/api/data/v9.2/tasks(620e05c0-6dd3-4103-ab72-b4583b67d810)"
+            )
         );
         assert!(parts[2].body.starts_with('{'));
     }
@@ -224,14 +280,19 @@ mod tests {
         let id = Uuid::nil();
         let (content_type, body) = encode(
             "https://org/api/data/v9.2/",
-            &[BatchOperation::update(&set, id, json!({"subject": "x"})), BatchOperation::delete(&set, id)],
+            &[
+                BatchOperation::update(&set, id, json!({"subject": "x"})),
+                BatchOperation::delete(&set, id),
+            ],
             true,
         );
         let boundary = boundary_of(&content_type).unwrap();
         assert!(body.starts_with(&format!("--{boundary}\r\n")));
         assert!(body.ends_with(&format!("--{boundary}--\r\n")));
         assert!(body.contains("Content-ID: 2\r\n"));
-        assert!(body.contains(&format!("PATCH https://org/api/data/v9.2/phonecalls({id}) HTTP/1.1\r\nIf-Match: *\r\n")));
+        assert!(body.contains(&format!(
+            "PATCH https://org/api/data/v9.2/phonecalls({id}) HTTP/1.1\r\nIf-Match: *\r\n"
+        )));
         assert!(!body.replace("\r\n", "").contains('\n'));
     }
 }

@@ -128,7 +128,13 @@ impl Request {
 }
 
 impl DataverseClient {
-    pub fn new(http: reqwest::Client, api_base: Url, tokens: TokenCache, retry: RetryPolicy, request_timeout: Duration) -> Self {
+    pub fn new(
+        http: reqwest::Client,
+        api_base: Url,
+        tokens: TokenCache,
+        retry: RetryPolicy,
+        request_timeout: Duration,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 http,
@@ -177,7 +183,8 @@ impl DataverseClient {
     /// A link Dataverse sent (`@odata.nextLink`, `@odata.deltaLink`), used as
     /// received; it must point into the same API, so a token is never sent elsewhere.
     fn server_link(&self, link: &str) -> Result<Url, DataverseError> {
-        let url = Url::parse(link).map_err(|e| DataverseError::Protocol(format!("link `{link}` is not a URL: {e}")))?;
+        let url = Url::parse(link)
+            .map_err(|e| DataverseError::Protocol(format!("link `{link}` is not a URL: {e}")))?;
         let base = &self.inner.api_base;
         let same_api = url.scheme() == base.scheme()
             && url.host_str() == base.host_str()
@@ -186,14 +193,26 @@ impl DataverseClient {
         if same_api {
             Ok(url)
         } else {
-            Err(DataverseError::Protocol(format!("link `{link}` leaves the organisation's API")))
+            Err(DataverseError::Protocol(format!(
+                "link `{link}` leaves the organisation's API"
+            )))
         }
     }
 
     /// Creates a record and returns its id (from `OData-EntityId`, or from the
     /// body when the server answers 201 with a representation).
-    pub async fn create(&self, set: &EntitySet, body: &Value, deadline: Instant) -> Result<Uuid, DataverseError> {
-        let response = self.send(Request::new(Method::POST, self.entity_url(set, None)).json(body), deadline).await?;
+    pub async fn create(
+        &self,
+        set: &EntitySet,
+        body: &Value,
+        deadline: Instant,
+    ) -> Result<Uuid, DataverseError> {
+        let response = self
+            .send(
+                Request::new(Method::POST, self.entity_url(set, None)).json(body),
+                deadline,
+            )
+            .await?;
         if let Some(id) = response
             .headers()
             .get("OData-EntityId")
@@ -206,22 +225,41 @@ impl DataverseClient {
         body.get("@odata.id")
             .and_then(Value::as_str)
             .and_then(id_from_entity_url)
-            .ok_or_else(|| DataverseError::Protocol("create answered without OData-EntityId".into()))
+            .ok_or_else(|| {
+                DataverseError::Protocol("create answered without OData-EntityId".into())
+            })
     }
 
     /// Creates a record and returns it (`Prefer: return=representation`).
-    pub async fn create_returning(&self, set: &EntitySet, body: &Value, select: &[&str], deadline: Instant) -> Result<Value, DataverseError> {
+    pub async fn create_returning(
+        &self,
+        set: &EntitySet,
+        body: &Value,
+        select: &[&str],
+        deadline: Instant,
+    ) -> Result<Value, DataverseError> {
         let mut url = self.entity_url(set, None);
         if !select.is_empty() {
-            url.set_query(Some(&format!("$select={}", encode_query_value(&select.join(",")))));
+            url.set_query(Some(&format!(
+                "$select={}",
+                encode_query_value(&select.join(","))
+            )));
         }
-        let request = Request::new(Method::POST, url).json(body).header("prefer", "return=representation");
+        let request = Request::new(Method::POST, url)
+            .json(body)
+            .header("prefer", "return=representation");
         read_json(self.send(request, deadline).await?).await
     }
 
     /// Creates the record with this id unless it exists (`If-None-Match: *`).
     /// Returns false when it was already there (412): the idempotent create.
-    pub async fn create_with_id(&self, set: &EntitySet, id: Uuid, body: &Value, deadline: Instant) -> Result<bool, DataverseError> {
+    pub async fn create_with_id(
+        &self,
+        set: &EntitySet,
+        id: Uuid,
+        body: &Value,
+        deadline: Instant,
+    ) -> Result<bool, DataverseError> {
         let request = Request::new(Method::PATCH, self.entity_url(set, Some(id)))
             .json(body)
             .header("if-none-match", "*");
@@ -234,7 +272,13 @@ impl DataverseClient {
 
     /// Updates an existing record (`If-Match: *`): never creates one. A missing
     /// record is a 404 [`DataverseError::Rejected`] (see `is_not_found`).
-    pub async fn update(&self, set: &EntitySet, id: Uuid, body: &Value, deadline: Instant) -> Result<(), DataverseError> {
+    pub async fn update(
+        &self,
+        set: &EntitySet,
+        id: Uuid,
+        body: &Value,
+        deadline: Instant,
+    ) -> Result<(), DataverseError> {
         let request = Request::new(Method::PATCH, self.entity_url(set, Some(id)))
             .json(body)
             .header("if-match", "*");
@@ -243,14 +287,31 @@ impl DataverseClient {
 
     /// Creates or updates the record with this id (a plain PATCH). With ids derived
     /// from the event, a retry can never make a second record.
-    pub async fn upsert(&self, set: &EntitySet, id: Uuid, body: &Value, deadline: Instant) -> Result<(), DataverseError> {
+    pub async fn upsert(
+        &self,
+        set: &EntitySet,
+        id: Uuid,
+        body: &Value,
+        deadline: Instant,
+    ) -> Result<(), DataverseError> {
         let request = Request::new(Method::PATCH, self.entity_url(set, Some(id))).json(body);
         self.send(request, deadline).await.map(drop)
     }
 
     /// Deletes a record; false when it did not exist.
-    pub async fn delete(&self, set: &EntitySet, id: Uuid, deadline: Instant) -> Result<bool, DataverseError> {
-        match self.send(Request::new(Method::DELETE, self.entity_url(set, Some(id))), deadline).await {
+    pub async fn delete(
+        &self,
+        set: &EntitySet,
+        id: Uuid,
+        deadline: Instant,
+    ) -> Result<bool, DataverseError> {
+        match self
+            .send(
+                Request::new(Method::DELETE, self.entity_url(set, Some(id))),
+                deadline,
+            )
+            .await
+        {
             Ok(_) => Ok(true),
             Err(error) if error.is_not_found() => Ok(false),
             Err(error) => Err(error),
@@ -258,10 +319,19 @@ impl DataverseClient {
     }
 
     /// Reads one record's columns; `None` when it does not exist.
-    pub async fn get(&self, set: &EntitySet, id: Uuid, select: &[String], deadline: Instant) -> Result<Option<Value>, DataverseError> {
+    pub async fn get(
+        &self,
+        set: &EntitySet,
+        id: Uuid,
+        select: &[String],
+        deadline: Instant,
+    ) -> Result<Option<Value>, DataverseError> {
         let mut url = self.entity_url(set, Some(id));
         if !select.is_empty() {
-            url.set_query(Some(&format!("$select={}", encode_query_value(&select.join(",")))));
+            url.set_query(Some(&format!(
+                "$select={}",
+                encode_query_value(&select.join(","))
+            )));
         }
         match self.send(Request::new(Method::GET, url), deadline).await {
             Ok(response) => read_json(response).await.map(Some),
@@ -271,10 +341,18 @@ impl DataverseClient {
     }
 
     /// The first page of a query.
-    pub async fn query(&self, set: &EntitySet, query: &Query, deadline: Instant) -> Result<Page, DataverseError> {
+    pub async fn query(
+        &self,
+        set: &EntitySet,
+        query: &Query,
+        deadline: Instant,
+    ) -> Result<Page, DataverseError> {
         let mut options = Vec::new();
         if !query.select.is_empty() {
-            options.push(format!("$select={}", encode_query_value(&query.select.join(","))));
+            options.push(format!(
+                "$select={}",
+                encode_query_value(&query.select.join(","))
+            ));
         }
         if let Some(filter) = &query.filter {
             options.push(format!("$filter={}", encode_query_value(filter)));
@@ -293,14 +371,28 @@ impl DataverseClient {
     }
 
     /// The page behind an `@odata.nextLink`, with the same page size as the first.
-    pub async fn next_page(&self, next_link: &str, page_size: Option<u32>, deadline: Instant) -> Result<Page, DataverseError> {
-        self.page(self.server_link(next_link)?, page_size, deadline).await
+    pub async fn next_page(
+        &self,
+        next_link: &str,
+        page_size: Option<u32>,
+        deadline: Instant,
+    ) -> Result<Page, DataverseError> {
+        self.page(self.server_link(next_link)?, page_size, deadline)
+            .await
     }
 
-    async fn page(&self, url: Url, page_size: Option<u32>, deadline: Instant) -> Result<Page, DataverseError> {
+    async fn page(
+        &self,
+        url: Url,
+        page_size: Option<u32>,
+        deadline: Instant,
+    ) -> Result<Page, DataverseError> {
         let mut request = Request::new(Method::GET, url);
         if let Some(size) = page_size {
-            request = request.header("prefer", format!("odata.maxpagesize={}", size.clamp(1, 5000)));
+            request = request.header(
+                "prefer",
+                format!("odata.maxpagesize={}", size.clamp(1, 5000)),
+            );
         }
         let body = read_json(self.send(request, deadline).await?).await?;
         Ok(Page {
@@ -310,14 +402,26 @@ impl DataverseClient {
     }
 
     /// Starts change tracking: every current record, paged, with a delta link on the last page.
-    pub async fn track_changes(&self, set: &EntitySet, select: &[String], page_size: u32, deadline: Instant) -> Result<DeltaPage, DataverseError> {
+    pub async fn track_changes(
+        &self,
+        set: &EntitySet,
+        select: &[String],
+        page_size: u32,
+        deadline: Instant,
+    ) -> Result<DeltaPage, DataverseError> {
         let mut url = self.entity_url(set, None);
         if !select.is_empty() {
-            url.set_query(Some(&format!("$select={}", encode_query_value(&select.join(",")))));
+            url.set_query(Some(&format!(
+                "$select={}",
+                encode_query_value(&select.join(","))
+            )));
         }
         let request = Request::new(Method::GET, url).header(
             "prefer",
-            format!("odata.track-changes,odata.maxpagesize={}", page_size.clamp(1, 5000)),
+            format!(
+                "odata.track-changes,odata.maxpagesize={}",
+                page_size.clamp(1, 5000)
+            ),
         );
         let response = self.send(request, deadline).await?;
         let applied = response
@@ -336,17 +440,30 @@ impl DataverseClient {
 
     /// Follows a `@odata.nextLink` of a change-tracking read, or a stored `@odata.deltaLink`.
     /// An expired or invalid delta token is [`DataverseError::DeltaExpired`].
-    pub async fn follow_changes(&self, link: &str, page_size: u32, deadline: Instant) -> Result<DeltaPage, DataverseError> {
+    pub async fn follow_changes(
+        &self,
+        link: &str,
+        page_size: u32,
+        deadline: Instant,
+    ) -> Result<DeltaPage, DataverseError> {
         let mut request = Request::new(Method::GET, self.server_link(link)?).header(
             "prefer",
-            format!("odata.track-changes,odata.maxpagesize={}", page_size.clamp(1, 5000)),
+            format!(
+                "odata.track-changes,odata.maxpagesize={}",
+                page_size.clamp(1, 5000)
+            ),
         );
         request.delta = true;
         delta_page(read_json(self.send(request, deadline).await?).await?)
     }
 
     /// Sends a prepared `$batch` body and returns the raw answer (see [`super::batch`]).
-    pub(crate) async fn send_batch(&self, content_type: String, body: Vec<u8>, deadline: Instant) -> Result<(String, String), DataverseError> {
+    pub(crate) async fn send_batch(
+        &self,
+        content_type: String,
+        body: Vec<u8>,
+        deadline: Instant,
+    ) -> Result<(String, String), DataverseError> {
         let mut url = self.inner.api_base.clone();
         url.set_path(&format!("{}$batch", self.inner.api_base.path()));
         let mut request = Request::new(Method::POST, url).header("content-type", content_type);
@@ -358,17 +475,23 @@ impl DataverseClient {
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_owned();
-        let text = response
-            .text()
-            .await
-            .map_err(|e| DataverseError::Protocol(format!("batch answer could not be read: {}", e.without_url())))?;
+        let text = response.text().await.map_err(|e| {
+            DataverseError::Protocol(format!(
+                "batch answer could not be read: {}",
+                e.without_url()
+            ))
+        })?;
         Ok((content_type, text))
     }
 
     /// Sends a request, retrying throttling, server errors, timeouts and dropped
     /// connections within the retry policy and the deadline; a 401 refreshes the
     /// token once. Anything else comes back as a typed error.
-    async fn send(&self, request: Request, deadline: Instant) -> Result<reqwest::Response, DataverseError> {
+    async fn send(
+        &self,
+        request: Request,
+        deadline: Instant,
+    ) -> Result<reqwest::Response, DataverseError> {
         let inner = &*self.inner;
         let mut attempt = 0;
         let mut refreshed_token = false;
@@ -379,7 +502,9 @@ impl DataverseClient {
                 return Err(DataverseError::DeadlineExceeded);
             }
             let token = inner.tokens.token(deadline).await?;
-            let timeout = inner.request_timeout.min(deadline.saturating_duration_since(Instant::now()));
+            let timeout = inner
+                .request_timeout
+                .min(deadline.saturating_duration_since(Instant::now()));
             let mut headers = HeaderMap::with_capacity(6 + request.headers.len());
             headers.insert("Accept", HeaderValue::from_static("application/json"));
             headers.insert("OData-MaxVersion", HeaderValue::from_static("4.0"));
@@ -403,7 +528,13 @@ impl DataverseClient {
             let (retry_after, failure) = match result {
                 Err(error) => {
                     let message = error.without_url().to_string();
-                    (None, DataverseError::Network { message, attempts: attempt })
+                    (
+                        None,
+                        DataverseError::Network {
+                            message,
+                            attempts: attempt,
+                        },
+                    )
                 }
                 Ok(response) => {
                     let status = response.status();
@@ -428,18 +559,34 @@ impl DataverseClient {
                             .and_then(parse_retry_after);
                         (retry_after, DataverseError::Throttled { retry_after })
                     } else if status.is_server_error() && status != StatusCode::NOT_IMPLEMENTED {
-                        (None, DataverseError::Unavailable { status: status.as_u16(), attempts: attempt })
+                        (
+                            None,
+                            DataverseError::Unavailable {
+                                status: status.as_u16(),
+                                attempts: attempt,
+                            },
+                        )
                     } else {
                         let body = response.text().await.unwrap_or_default();
                         let (code, message) = parse_error_body(&body);
                         if request.delta && status.is_client_error() {
-                            return Err(DataverseError::DeltaExpired { status: status.as_u16(), code });
+                            return Err(DataverseError::DeltaExpired {
+                                status: status.as_u16(),
+                                code,
+                            });
                         }
-                        return Err(DataverseError::Rejected { status: status.as_u16(), code, message });
+                        return Err(DataverseError::Rejected {
+                            status: status.as_u16(),
+                            code,
+                            message,
+                        });
                     }
                 }
             };
-            match inner.retry.next_wait(attempt, retry_after, Instant::now(), deadline) {
+            match inner
+                .retry
+                .next_wait(attempt, retry_after, Instant::now(), deadline)
+            {
                 Some(wait) => {
                     inner.stats.retries.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(attempt, wait_ms = wait.as_millis() as u64, error = %failure, "retrying Dataverse request");
@@ -452,17 +599,19 @@ impl DataverseClient {
 }
 
 async fn read_json(response: reqwest::Response) -> Result<Value, DataverseError> {
-    let bytes = response
-        .bytes()
-        .await
-        .map_err(|e| DataverseError::Protocol(format!("answer could not be read: {}", e.without_url())))?;
-    serde_json::from_slice(&bytes).map_err(|e| DataverseError::Protocol(format!("answer is not JSON: {e}")))
+    let bytes = response.bytes().await.map_err(|e| {
+        DataverseError::Protocol(format!("answer could not be read: {}", e.without_url()))
+    })?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| DataverseError::Protocol(format!("answer is not JSON: {e}")))
 }
 
 fn records_of(body: &Value) -> Result<Vec<Value>, DataverseError> {
     match body.get("value") {
         Some(Value::Array(records)) => Ok(records.clone()),
-        _ => Err(DataverseError::Protocol("collection answer has no `value` array".into())),
+        _ => Err(DataverseError::Protocol(
+            "collection answer has no `value` array".into(),
+        )),
     }
 }
 

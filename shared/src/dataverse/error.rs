@@ -9,9 +9,15 @@ pub enum DataverseError {
     /// A 4xx (other than 401/429) or 501: the request itself is wrong. `code` is
     /// Dataverse's `error.code` (often empty), `message` its text.
     #[error("Dataverse refused the request: {status} {code} {message}")]
-    Rejected { status: u16, code: String, message: String },
+    Rejected {
+        status: u16,
+        code: String,
+        message: String,
+    },
     /// 401 even with a freshly issued token: the app user or its role is missing.
-    #[error("Dataverse refused the credentials (401) even with a fresh token: is the application user set up?")]
+    #[error(
+        "Dataverse refused the credentials (401) even with a fresh token: is the application user set up?"
+    )]
     Unauthorized,
     /// 429 (service protection limits) and no time left to wait for `Retry-After`.
     #[error("Dataverse is throttling (429); retry after {retry_after:?}")]
@@ -28,7 +34,9 @@ pub enum DataverseError {
     #[error(transparent)]
     Token(#[from] TokenError),
     /// The change-tracking token is expired or invalid: a full read is needed.
-    #[error("the change-tracking delta link is no longer valid ({status} {code}); a full reconciliation is needed")]
+    #[error(
+        "the change-tracking delta link is no longer valid ({status} {code}); a full reconciliation is needed"
+    )]
     DeltaExpired { status: u16, code: String },
     /// An answer that breaks the documented protocol (missing header, bad JSON, foreign link).
     #[error("unexpected answer from Dataverse: {0}")]
@@ -40,9 +48,15 @@ impl DataverseError {
     /// will (dead-letter it with this error as the reason).
     pub fn is_transient(&self) -> bool {
         match self {
-            Self::Throttled { .. } | Self::Unavailable { .. } | Self::Network { .. } | Self::DeadlineExceeded => true,
+            Self::Throttled { .. }
+            | Self::Unavailable { .. }
+            | Self::Network { .. }
+            | Self::DeadlineExceeded => true,
             Self::Token(error) => error.is_transient(),
-            Self::Rejected { .. } | Self::Unauthorized | Self::DeltaExpired { .. } | Self::Protocol(_) => false,
+            Self::Rejected { .. }
+            | Self::Unauthorized
+            | Self::DeltaExpired { .. }
+            | Self::Protocol(_) => false,
         }
     }
 
@@ -54,7 +68,9 @@ impl DataverseError {
     /// Dataverse's error code (`0x80072322`), where it sent one.
     pub fn code(&self) -> Option<&str> {
         match self {
-            Self::Rejected { code, .. } | Self::DeltaExpired { code, .. } if !code.is_empty() => Some(code),
+            Self::Rejected { code, .. } | Self::DeltaExpired { code, .. } if !code.is_empty() => {
+                Some(code)
+            }
             _ => None,
         }
     }
@@ -88,18 +104,36 @@ mod tests {
     #[test]
     fn error_bodies_are_read_leniently() {
         assert_eq!(
-            parse_error_body(r#"{"error":{"code":"0x80072322","message":"Number of requests exceeded"}}"#),
+            parse_error_body(
+                r#"{"error":{"code":"0x80072322","message":"Number of requests exceeded"}}"#
+            ),
             ("0x80072322".into(), "Number of requests exceeded".into())
         );
         assert_eq!(parse_error_body(""), (String::new(), String::new()));
-        assert_eq!(parse_error_body("<html>bad gateway</html>"), (String::new(), "<html>bad gateway</html>".into()));
+        assert_eq!(
+            parse_error_body("<html>bad gateway</html>"),
+            (String::new(), "<html>bad gateway</html>".into())
+        );
     }
 
     #[test]
     fn transience() {
         assert!(DataverseError::Throttled { retry_after: None }.is_transient());
-        assert!(DataverseError::Unavailable { status: 503, attempts: 3 }.is_transient());
-        assert!(!DataverseError::Rejected { status: 400, code: String::new(), message: String::new() }.is_transient());
+        assert!(
+            DataverseError::Unavailable {
+                status: 503,
+                attempts: 3
+            }
+            .is_transient()
+        );
+        assert!(
+            !DataverseError::Rejected {
+                status: 400,
+                code: String::new(),
+                message: String::new()
+            }
+            .is_transient()
+        );
         assert!(!DataverseError::Unauthorized.is_transient());
     }
 }

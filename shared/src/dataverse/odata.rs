@@ -43,7 +43,9 @@ pub struct EntitySet(String);
 pub struct Identifier(String);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("`{0}` is not a valid Dataverse identifier (letters, digits and `_`, not starting with a digit, at most 128 characters)")]
+#[error(
+    "`{0}` is not a valid Dataverse identifier (letters, digits and `_`, not starting with a digit, at most 128 characters)"
+)]
 pub struct InvalidIdentifier(pub String);
 
 fn is_identifier(name: &str) -> bool {
@@ -131,7 +133,15 @@ mod tests {
         for good in ["phonecalls", "new_customthings", "_x1"] {
             assert!(EntitySet::new(good).is_ok(), "{good}");
         }
-        for bad in ["", "1abc", "contacts(", "a/b", "a b", "contacts?$top=1", "é"] {
+        for bad in [
+            "",
+            "1abc",
+            "contacts(",
+            "a/b",
+            "a b",
+            "contacts?$top=1",
+            "é",
+        ] {
             assert!(EntitySet::new(bad).is_err(), "{bad}");
         }
     }
@@ -141,7 +151,12 @@ mod tests {
         let id = "e6469cc6-f008-4c49-90ee-f46e23a22f8c";
         assert_eq!(parse_guid(id).unwrap().to_string(), id);
         assert!(parse_guid(&format!("{{{id}}}")).is_ok());
-        for bad in ["", "abc", "e6469cc6f0084c4990eef46e23a22f8c", "e6469cc6-f008-4c49-90ee-f46e23a22f8c)/x"] {
+        for bad in [
+            "",
+            "abc",
+            "e6469cc6f0084c4990eef46e23a22f8c",
+            "e6469cc6-f008-4c49-90ee-f46e23a22f8c)/x",
+        ] {
             assert!(parse_guid(bad).is_err(), "{bad}");
         }
     }

@@ -89,7 +89,10 @@ mod tests {
             assert!(wait >= Duration::from_secs(2));
         }
         let near = now + Duration::from_secs(1);
-        assert_eq!(policy.next_wait(1, Some(Duration::from_secs(2)), now, near), None);
+        assert_eq!(
+            policy.next_wait(1, Some(Duration::from_secs(2)), now, near),
+            None
+        );
         assert_eq!(policy.next_wait(policy.max_attempts, None, now, far), None);
     }
 
