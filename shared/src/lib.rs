@@ -8,3 +8,5 @@ pub mod phone;
 pub mod secret;
 pub mod template;
 pub mod token_cache;
+pub mod connect;
+pub mod recording;
