@@ -10,3 +10,7 @@ pub mod template;
 pub mod token_cache;
 pub mod connect;
 pub mod recording;
+pub mod contact_state;
+pub mod directory;
+pub mod handoff;
+pub mod store_error;
