@@ -155,6 +155,23 @@ struct ContactDocument {
     ended: EndedDocument,
     #[serde(default = "default_recording")]
     recording: StepDocument,
+    /// The link a recording step writes: a template over `recording.*` and the contact.
+    #[serde(default = "default_recording_link")]
+    recording_link: String,
+    /// Add chat transcripts and Contact Lens transcripts as notes on the record.
+    #[serde(default = "default_true")]
+    transcript_notes: bool,
+    /// Transcript files larger than this are linked, not read.
+    #[serde(default = "default_transcript_max_bytes")]
+    transcript_max_bytes: u64,
+    /// How long the flow invocation may spend on Dynamics before it answers and
+    /// hands the creation off (the flow allows 8 s in all).
+    #[serde(default = "default_flow_budget_ms")]
+    flow_budget_ms: u64,
+    /// How long an update may wait for its contact's creation, or for Dynamics to
+    /// come back, before it is dead-lettered.
+    #[serde(default = "default_retry_window_minutes")]
+    retry_window_minutes: u64,
 }
 
 impl Default for ContactDocument {
@@ -168,8 +185,29 @@ impl Default for ContactDocument {
             answered: default_answered(),
             ended: default_ended(),
             recording: default_recording(),
+            recording_link: default_recording_link(),
+            transcript_notes: true,
+            transcript_max_bytes: default_transcript_max_bytes(),
+            flow_budget_ms: default_flow_budget_ms(),
+            retry_window_minutes: default_retry_window_minutes(),
         }
     }
+}
+
+fn default_recording_link() -> String {
+    "https://s3.console.aws.amazon.com/s3/object/{{ recording.bucket }}?prefix={{ recording.key | urlencode }}".into()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_transcript_max_bytes() -> u64 {
+    1024 * 1024
+}
+fn default_flow_budget_ms() -> u64 {
+    3000
+}
+fn default_retry_window_minutes() -> u64 {
+    120
 }
 
 #[derive(Deserialize)]
@@ -297,6 +335,11 @@ pub struct ContactConfig {
     pub ended: PayloadTemplate,
     pub close: Option<PayloadTemplate>,
     pub recording: PayloadTemplate,
+    pub recording_link: TextTemplate,
+    pub transcript_notes: bool,
+    pub transcript_max_bytes: u64,
+    pub flow_budget: Duration,
+    pub retry_window: Duration,
 }
 
 impl Config {
@@ -336,6 +379,18 @@ impl Config {
         let screen_pop_url = templates
             .compile_text("contact.screen_pop_url", &contact_document.screen_pop_url)
             .map_err(|e| ConfigError::at("contact.screen_pop_url", e))?;
+        let recording_link = templates
+            .compile_text("contact.recording_link", &contact_document.recording_link)
+            .map_err(|e| ConfigError::at("contact.recording_link", e))?;
+        if !(500..=7000).contains(&contact_document.flow_budget_ms) {
+            return Err(ConfigError::at(
+                "contact.flow_budget_ms",
+                "must be between 500 and 7000 (the flow waits 8 s at most)",
+            ));
+        }
+        if contact_document.retry_window_minutes == 0 {
+            return Err(ConfigError::at("contact.retry_window_minutes", "must be at least 1"));
+        }
         if contact_document.state_ttl_days == 0 {
             return Err(ConfigError::at(
                 "contact.state_ttl_days",
@@ -360,6 +415,11 @@ impl Config {
                 ended,
                 close,
                 recording,
+                recording_link,
+                transcript_notes: contact_document.transcript_notes,
+                transcript_max_bytes: contact_document.transcript_max_bytes,
+                flow_budget: Duration::from_millis(contact_document.flow_budget_ms),
+                retry_window: Duration::from_secs(contact_document.retry_window_minutes * 60),
             },
             directory,
             templates,

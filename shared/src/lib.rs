@@ -14,3 +14,7 @@ pub mod contact_state;
 pub mod directory;
 pub mod handoff;
 pub mod store_error;
+pub mod lifecycle;
+pub mod observe;
+pub mod handlers;
+pub mod services;

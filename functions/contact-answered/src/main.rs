@@ -1,0 +1,6 @@
+//! contact-answered: the `CONNECTED_TO_AGENT` contact event.
+
+#[tokio::main]
+async fn main() -> Result<(), lambda_runtime::Error> {
+    shared::services::run("contact-answered", shared::handlers::contact_event).await
+}

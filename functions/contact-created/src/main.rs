@@ -1,0 +1,8 @@
+//! contact-created: the contact flow's "Invoke AWS Lambda function" block (answered
+//! with the record id and screen-pop URL), the `INITIATED` contact event, and the
+//! retry queue.
+
+#[tokio::main]
+async fn main() -> Result<(), lambda_runtime::Error> {
+    shared::services::run("contact-created", shared::handlers::contact_created).await
+}

@@ -1,0 +1,6 @@
+//! contact-ended: the `DISCONNECTED` contact event (end time, duration, close).
+
+#[tokio::main]
+async fn main() -> Result<(), lambda_runtime::Error> {
+    shared::services::run("contact-ended", shared::handlers::contact_event).await
+}

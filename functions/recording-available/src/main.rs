@@ -1,0 +1,7 @@
+//! recording-available: S3 `Object Created` for recordings, chat transcripts and
+//! Contact Lens files.
+
+#[tokio::main]
+async fn main() -> Result<(), lambda_runtime::Error> {
+    shared::services::run("recording-available", shared::handlers::recording_available).await
+}

@@ -1,0 +1,225 @@
+//! The entry point of each function: parse the trigger's payload, run the
+//! lifecycle, shape the answer. `functions/*/main.rs` only wire these to the
+//! Lambda runtime, so tests and the CLI run exactly the deployed code.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant, SystemTime};
+
+use aws_lambda_events::event::eventbridge::EventBridgeEvent;
+use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent};
+use serde_json::Value;
+use time::OffsetDateTime;
+
+use crate::connect::{ContactEventDetail, FlowEvent, ObjectCreatedDetail};
+use crate::handoff::{DeadLetter, RetryMessage};
+use crate::lifecycle::{HandoffFailed, Lifecycle, Outcome, Report};
+use crate::observe;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError {
+    /// The payload is not an event this function takes (answered to the flow as an error).
+    #[error("malformed event: {0}")]
+    Malformed(String),
+    /// The work could not be stored or handed off: deliver the event again.
+    #[error(transparent)]
+    Retry(#[from] HandoffFailed),
+}
+
+/// Time the function keeps back after its Dynamics work to store state and hand off.
+const RESERVE: Duration = Duration::from_millis(1500);
+
+/// The Lambda deadline (Unix milliseconds, as the runtime reports it) as an `Instant`.
+pub fn deadline_from(deadline: SystemTime) -> Instant {
+    Instant::now() + deadline.duration_since(SystemTime::now()).unwrap_or_default()
+}
+
+fn work_deadline(lambda_deadline: Instant) -> Instant {
+    lambda_deadline.checked_sub(RESERVE).unwrap_or_else(Instant::now)
+}
+
+fn finish(lifecycle: &Lifecycle, report: &Report, started: Instant) {
+    observe::record(lifecycle.function, report, started.elapsed());
+}
+
+/// Dead-letters an event nobody can process and reports it handled.
+async fn refuse(lifecycle: &Lifecycle, event: &Value, reason: String, started: Instant) -> Result<Value, HandlerError> {
+    lifecycle
+        .handoff
+        .dead_letter(&DeadLetter {
+            reason: reason.clone(),
+            function: lifecycle.function.to_owned(),
+            step: None,
+            contact_id: None,
+            record_id: None,
+            transient: false,
+            event: Some(event.clone()),
+        })
+        .await
+        .map_err(HandoffFailed)?;
+    let report = skipped(format!("malformed event: {reason}"));
+    let report = Report {
+        outcome: Outcome::DeadLettered { reason },
+        ..report
+    };
+    finish(lifecycle, &report, started);
+    Ok(Value::Null)
+}
+
+fn skipped(reason: String) -> Report {
+    Report {
+        contact_id: None,
+        step: None,
+        record_id: None,
+        customer: None,
+        outcome: Outcome::Skipped { reason },
+        dataverse_requests: 0,
+        dataverse_retries: 0,
+        dataverse_throttled: 0,
+    }
+}
+
+/// contact-created: the flow invocation, the `INITIATED` contact event, and the retry queue.
+pub async fn contact_created(lifecycle: &Lifecycle, event: Value, lambda_deadline: Instant) -> Result<Value, HandlerError> {
+    if event.get("Details").is_some() {
+        let answer = flow(lifecycle, event, lambda_deadline).await?;
+        return Ok(serde_json::to_value(answer).unwrap_or_default());
+    }
+    if event.get("Records").is_some() {
+        return retries(lifecycle, event, lambda_deadline).await;
+    }
+    contact_event(lifecycle, event, lambda_deadline).await
+}
+
+/// Answers the flow within its budget: the record id is known before Dynamics
+/// answers, so a slow or failing Dynamics defers the creation, never the caller.
+pub async fn flow(lifecycle: &Lifecycle, event: Value, lambda_deadline: Instant) -> Result<BTreeMap<String, String>, HandlerError> {
+    let started = Instant::now();
+    let parsed: FlowEvent = serde_json::from_value(event.clone()).map_err(|e| HandlerError::Malformed(format!("not a contact flow event: {e}")))?;
+    let facts = parsed
+        .facts(OffsetDateTime::now_utc())
+        .map_err(|e| HandlerError::Malformed(e.to_string()))?;
+    let contact_id = facts.contact_id;
+    let record = facts.instance_id.map(|instance| crate::connect::record_id(instance, contact_id));
+    let budget = started + lifecycle.config.contact.flow_budget;
+    let deadline = budget.min(work_deadline(lambda_deadline));
+    let report = lifecycle.process(contact_id, Some(facts), 0, None, deadline, Some(&event)).await?;
+    finish(lifecycle, &report, started);
+    Ok(flow_answer(lifecycle, record.or(report.record_id), &report))
+}
+
+/// The flat string map the flow reads as `$.External.*`.
+fn flow_answer(lifecycle: &Lifecycle, record: Option<uuid::Uuid>, report: &Report) -> BTreeMap<String, String> {
+    let mut answer = BTreeMap::new();
+    let status = match report.outcome {
+        Outcome::Applied => "created",
+        Outcome::Deferred { .. } => "pending",
+        Outcome::DeadLettered { .. } => "failed",
+        Outcome::Skipped { .. } => "skipped",
+    };
+    answer.insert("dynamics_status".into(), status.into());
+    if let Some(record) = record {
+        answer.insert("dynamics_record_id".into(), record.to_string());
+        answer.insert("dynamics_entity".into(), lifecycle.config.contact.logical_name.to_string());
+        match lifecycle.screen_pop(record) {
+            Ok(url) => {
+                answer.insert("dynamics_screen_pop_url".into(), url);
+            }
+            Err(error) => tracing::warn!(%error, "screen-pop URL template failed"),
+        }
+    }
+    answer.insert("dynamics_customer_matched".into(), report.customer.is_some().to_string());
+    if let Some(customer) = &report.customer {
+        answer.insert("dynamics_customer_id".into(), customer.id.to_string());
+        answer.insert("dynamics_customer_entity".into(), customer.entity.clone());
+        let name: String = customer.name.clone().unwrap_or_default().chars().take(256).collect();
+        answer.insert("dynamics_customer_name".into(), name);
+    }
+    answer
+}
+
+/// contact-answered and contact-ended (and `INITIATED` in contact-created): an
+/// "Amazon Connect Contact Event" from EventBridge.
+pub async fn contact_event(lifecycle: &Lifecycle, event: Value, lambda_deadline: Instant) -> Result<Value, HandlerError> {
+    let started = Instant::now();
+    let parsed: EventBridgeEvent<ContactEventDetail> = match serde_json::from_value(event.clone()) {
+        Ok(parsed) => parsed,
+        Err(error) => return refuse(lifecycle, &event, format!("not an Amazon Connect contact event: {error}"), started).await,
+    };
+    let facts = match parsed.detail.facts() {
+        Ok(Some(facts)) => facts,
+        Ok(None) => {
+            let report = skipped(format!("event type {:?} is not used", parsed.detail.event_type));
+            finish(lifecycle, &report, started);
+            return Ok(Value::Null);
+        }
+        Err(error) => return refuse(lifecycle, &event, error.to_string(), started).await,
+    };
+    let report = lifecycle
+        .process(facts.contact_id, Some(facts), 0, None, work_deadline(lambda_deadline), Some(&event))
+        .await?;
+    finish(lifecycle, &report, started);
+    Ok(Value::Null)
+}
+
+/// recording-available: S3 `Object Created` through EventBridge.
+pub async fn recording_available(lifecycle: &Lifecycle, event: Value, lambda_deadline: Instant) -> Result<Value, HandlerError> {
+    let started = Instant::now();
+    let parsed: EventBridgeEvent<ObjectCreatedDetail> = match serde_json::from_value(event.clone()) {
+        Ok(parsed) => parsed,
+        Err(error) => return refuse(lifecycle, &event, format!("not an S3 Object Created event: {error}"), started).await,
+    };
+    let facts = match lifecycle.recording_facts(&parsed.detail, parsed.region.as_deref()).await.map_err(HandoffFailed)? {
+        Ok(facts) => facts,
+        Err(reason) => {
+            let report = skipped(reason);
+            finish(lifecycle, &report, started);
+            return Ok(Value::Null);
+        }
+    };
+    let report = lifecycle
+        .process(facts.contact_id, Some(facts), 0, None, work_deadline(lambda_deadline), Some(&event))
+        .await?;
+    finish(lifecycle, &report, started);
+    Ok(Value::Null)
+}
+
+/// The retry queue (SQS): each message is a contact to bring up to date again.
+pub async fn retries(lifecycle: &Lifecycle, event: Value, lambda_deadline: Instant) -> Result<Value, HandlerError> {
+    let batch: SqsEvent = serde_json::from_value(event).map_err(|e| HandlerError::Malformed(format!("not an SQS event: {e}")))?;
+    let mut failures = Vec::new();
+    for record in batch.records {
+        let started = Instant::now();
+        let id = record.message_id.clone().unwrap_or_default();
+        let body = record.body.unwrap_or_default();
+        let message: RetryMessage = match serde_json::from_str(&body) {
+            Ok(message) => message,
+            Err(error) => {
+                let raw = Value::String(body.clone());
+                refuse(lifecycle, &raw, format!("retry message is not valid: {error}"), started).await?;
+                continue;
+            }
+        };
+        let result = lifecycle
+            .process(
+                message.contact_id,
+                message.facts.clone(),
+                message.attempt,
+                Some(message.first_seen),
+                work_deadline(lambda_deadline),
+                None,
+            )
+            .await;
+        match result {
+            Ok(report) => finish(lifecycle, &report, started),
+            Err(error) => {
+                tracing::warn!(%error, message_id = id, "retry message handed back to the queue");
+                let mut failure = BatchItemFailure::default();
+                failure.item_identifier = id;
+                failures.push(failure);
+            }
+        }
+    }
+    let mut response = SqsBatchResponse::default();
+    response.batch_item_failures = failures;
+    Ok(serde_json::to_value(response).unwrap_or_default())
+}

@@ -1,0 +1,555 @@
+//! A contact's Dynamics record, kept equal to what one in-order delivery of its
+//! events would produce, whatever the duplicates, the order and the failures.
+//!
+//! Every event adds its facts to the contact's state (under a short per-contact
+//! lock) and then brings the record up to date: the step templates are rendered in
+//! their canonical order (created, answered, ended, recordings) over everything
+//! known, and only the columns that differ from what was last written are sent.
+//! The record id is derived from the contact, and the first write is an upsert,
+//! so no retry, duplicate or crash can make a second record. The close is written
+//! last; a step that arrives after it reopens the activity, writes, and closes it
+//! again, so Dataverse's rule that a closed activity cannot be edited holds.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::{Map, Value, json};
+use uuid::Uuid;
+
+use crate::config::Config;
+use crate::connect::{ObjectCreatedDetail, Source, Step, StepFacts, record_id};
+use crate::contact_state::{ContactState, ContactStateStore};
+use crate::dataverse::odata::EntitySet;
+use crate::dataverse::{DataverseClient, DataverseError};
+use crate::directory::{CallerDirectory, Customer, best_match};
+use crate::handoff::{DeadLetter, Handoff, RetryMessage};
+use crate::recording::{self, RecordingKind};
+use crate::store_error::StoreError;
+
+/// The services one container builds once and every event uses.
+pub struct Lifecycle {
+    pub config: Arc<Config>,
+    pub dataverse: DataverseClient,
+    pub state: ContactStateStore,
+    pub directory: CallerDirectory,
+    pub handoff: Handoff,
+    pub s3: Option<aws_sdk_s3::Client>,
+    pub function: &'static str,
+}
+
+/// What became of one event.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Everything known about the contact is in Dynamics.
+    Applied,
+    /// Handed to the retry queue: Dynamics unavailable, the creation not seen yet, or the contact busy.
+    Deferred { reason: String },
+    /// Can never succeed: sent to the dead-letter queue with this reason.
+    DeadLettered { reason: String },
+    /// Not ours to handle (an unused event type, a file that is not a recording).
+    Skipped { reason: String },
+}
+
+impl Outcome {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Applied => "applied",
+            Self::Deferred { .. } => "deferred",
+            Self::DeadLettered { .. } => "dead_lettered",
+            Self::Skipped { .. } => "skipped",
+        }
+    }
+}
+
+/// One event's result, for the flow answer and the event's log line.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub contact_id: Option<Uuid>,
+    pub step: Option<Step>,
+    pub record_id: Option<Uuid>,
+    pub customer: Option<Customer>,
+    pub outcome: Outcome,
+    pub dataverse_requests: u64,
+    pub dataverse_retries: u64,
+    pub dataverse_throttled: u64,
+}
+
+/// Failure to even hand the work off: the trigger must deliver the event again.
+#[derive(Debug, thiserror::Error)]
+#[error("could not store or hand off the contact's work: {0}")]
+pub struct HandoffFailed(#[from] pub StoreError);
+
+enum ApplyError {
+    /// Waiting for something (the creation); retry later.
+    Pending(String),
+    Transient(String),
+    Permanent(String),
+}
+
+impl From<DataverseError> for ApplyError {
+    fn from(error: DataverseError) -> Self {
+        if error.is_transient() {
+            Self::Transient(error.to_string())
+        } else {
+            Self::Permanent(error.to_string())
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Delay before retry `attempt`: 10 s doubling, at most SQS's 15 minutes.
+pub fn retry_delay(attempt: u32) -> Duration {
+    Duration::from_secs((10u64 << attempt.min(7)).min(900))
+}
+
+/// Columns of `desired` whose value differs from what was written.
+fn changed(written: &Map<String, Value>, desired: &Map<String, Value>) -> Map<String, Value> {
+    desired
+        .iter()
+        .filter(|(key, value)| written.get(*key) != Some(value))
+        .map(|(key, value)| (key.clone(), value.clone()))
+        .collect()
+}
+
+struct Rendered {
+    desired: Map<String, Value>,
+    close: Option<Map<String, Value>>,
+    notes: Vec<(String, Map<String, Value>)>,
+    /// Steps whose template failed now (dead-lettered once, then left out).
+    failed: Vec<(Step, String)>,
+}
+
+impl Lifecycle {
+    fn activity_set(&self) -> &EntitySet {
+        &self.config.contact.entity_set
+    }
+
+    /// The record id a contact's creation facts give.
+    pub fn record_id_of(state: &ContactState) -> Option<Uuid> {
+        let created = state.created.as_ref()?;
+        Some(record_id(created.instance_id?, created.contact_id))
+    }
+
+    /// The screen-pop URL and flow attributes for a contact's record.
+    pub fn screen_pop(&self, record: Uuid) -> Result<String, crate::template::TemplateError> {
+        let context = self.base_context(record, None);
+        self.config.templates.render_text(&self.config.contact.screen_pop_url, &Value::Object(context))
+    }
+
+    fn base_context(&self, record: Uuid, customer: Option<&Customer>) -> Map<String, Value> {
+        let dynamics = &self.config.dynamics;
+        let mut context = Map::new();
+        context.insert(
+            "record".into(),
+            json!({
+                "id": record.to_string(),
+                "entity": self.config.contact.logical_name.as_str(),
+                "entity_set": self.config.contact.entity_set.as_str(),
+            }),
+        );
+        context.insert("customer".into(), Customer::context(customer));
+        context.insert("org_url".into(), Value::String(dynamics.org_url.clone()));
+        context.insert(
+            "app_id".into(),
+            dynamics.app_id.map_or(Value::String(String::new()), |id| Value::String(id.to_string())),
+        );
+        context
+    }
+
+    /// Handles one event's facts (or, from the retry queue, none) for a contact.
+    /// `deadline` bounds the Dynamics work; storing and handing off come after it.
+    pub async fn process(
+        &self,
+        contact_id: Uuid,
+        facts: Option<StepFacts>,
+        attempt: u32,
+        first_seen: Option<u64>,
+        deadline: Instant,
+        event: Option<&Value>,
+    ) -> Result<Report, HandoffFailed> {
+        let before = self.dataverse.stats();
+        let step = facts.as_ref().map(|f| f.step);
+        let first_seen = first_seen.unwrap_or_else(unix_now);
+        let mut report = Report {
+            contact_id: Some(contact_id),
+            step,
+            record_id: None,
+            customer: None,
+            outcome: Outcome::Applied,
+            dataverse_requests: 0,
+            dataverse_retries: 0,
+            dataverse_throttled: 0,
+        };
+        let hold = deadline.saturating_duration_since(Instant::now()).clamp(Duration::from_secs(5), Duration::from_secs(60)) + Duration::from_secs(5);
+        let lock_wait = deadline.min(Instant::now() + Duration::from_secs(2));
+        let Some((mut state, lock)) = self.state.lock(contact_id, hold, lock_wait).await? else {
+            let message = RetryMessage {
+                contact_id,
+                facts,
+                attempt,
+                first_seen,
+                reason: "another invocation was working on the contact".into(),
+            };
+            self.handoff.retry_later(&message, Duration::from_secs(2)).await?;
+            report.outcome = Outcome::Deferred { reason: message.reason };
+            return Ok(report);
+        };
+        if state.first_seen == 0 {
+            state.first_seen = first_seen;
+        }
+        if let Some(facts) = facts.clone() {
+            state.merge(facts);
+        }
+        self.look_up_caller(&mut state).await;
+        report.record_id = Self::record_id_of(&state);
+        report.customer = state.customer.clone();
+
+        let result = self.apply(&mut state, deadline).await;
+        let after = self.dataverse.stats();
+        report.dataverse_requests = after.requests - before.requests;
+        report.dataverse_retries = after.retries - before.retries;
+        report.dataverse_throttled = after.throttled - before.throttled;
+
+        let newly_failed = match &result {
+            Ok(failed) => failed.clone(),
+            Err(_) => Vec::new(),
+        };
+        if let Err(error) = self.state.save(&state, lock, self.config.contact.state_ttl_days).await {
+            // The facts must not be lost: they travel with the retry message instead.
+            tracing::warn!(%error, %contact_id, "contact state not saved; handing the event off");
+            let message = RetryMessage {
+                contact_id,
+                facts,
+                attempt,
+                first_seen,
+                reason: format!("state not saved: {error}"),
+            };
+            self.handoff.retry_later(&message, retry_delay(attempt)).await?;
+            report.outcome = Outcome::Deferred { reason: message.reason };
+            return Ok(report);
+        }
+        for (failed_step, reason) in newly_failed {
+            self.dead_letter(&report, Some(failed_step), &reason, false, event).await?;
+        }
+        report.outcome = match result {
+            Ok(_) => Outcome::Applied,
+            Err(ApplyError::Permanent(reason)) => {
+                self.dead_letter(&report, step, &reason, false, event).await?;
+                Outcome::DeadLettered { reason }
+            }
+            Err(ApplyError::Pending(reason) | ApplyError::Transient(reason)) => {
+                let age = Duration::from_secs(unix_now().saturating_sub(state.first_seen));
+                if age >= self.config.contact.retry_window {
+                    let reason = format!("{reason}; gave up after the {} minute retry window", self.config.contact.retry_window.as_secs() / 60);
+                    if step == Some(Step::Recording) {
+                        tracing::warn!(%contact_id, %reason, "recording skipped");
+                        Outcome::Skipped { reason }
+                    } else {
+                        self.dead_letter(&report, step, &reason, true, event).await?;
+                        Outcome::DeadLettered { reason }
+                    }
+                } else {
+                    let message = RetryMessage {
+                        contact_id,
+                        facts: None,
+                        attempt: attempt + 1,
+                        first_seen: state.first_seen,
+                        reason: reason.clone(),
+                    };
+                    self.handoff.retry_later(&message, retry_delay(attempt)).await?;
+                    Outcome::Deferred { reason }
+                }
+            }
+        };
+        Ok(report)
+    }
+
+    async fn dead_letter(&self, report: &Report, step: Option<Step>, reason: &str, transient: bool, event: Option<&Value>) -> Result<(), StoreError> {
+        tracing::error!(
+            contact_id = ?report.contact_id.map(|c| c.to_string()),
+            step = step.map(Step::name),
+            record_id = ?report.record_id.map(|r| r.to_string()),
+            reason,
+            "dead-lettered"
+        );
+        self.handoff
+            .dead_letter(&DeadLetter {
+                reason: reason.to_owned(),
+                function: self.function.to_owned(),
+                step: step.map(|s| s.name().to_owned()),
+                contact_id: report.contact_id.map(|c| c.to_string()),
+                record_id: report.record_id.map(|r| r.to_string()),
+                transient,
+                event: event.cloned(),
+            })
+            .await
+    }
+
+    /// Looks the caller's number up once the creation facts carry one. A directory
+    /// outage leaves the contact unmatched rather than failing it.
+    async fn look_up_caller(&self, state: &mut ContactState) {
+        if state.customer_looked_up {
+            return;
+        }
+        let Some(number) = state
+            .created
+            .as_ref()
+            .and_then(|c| c.values.get("CustomerEndpoint"))
+            .and_then(Value::as_str)
+        else {
+            return;
+        };
+        let Ok(e164) = self.config.phones.normalize(number) else {
+            state.customer_looked_up = true;
+            return;
+        };
+        match self.directory.lookup(&e164).await {
+            Ok(matches) => {
+                state.customer = best_match(matches);
+                state.customer_looked_up = true;
+            }
+            Err(error) => tracing::warn!(%error, "caller directory lookup failed; the contact stays unmatched for now"),
+        }
+    }
+
+    fn render(&self, state: &ContactState, record: Uuid) -> Result<Rendered, ApplyError> {
+        let contact = &self.config.contact;
+        let templates = &self.config.templates;
+        let mut context = self.base_context(record, state.customer.as_ref());
+        let mut desired = Map::new();
+        let mut failed = Vec::new();
+        let steps = [
+            (Step::Created, state.created.as_ref(), &contact.created),
+            (Step::Answered, state.answered.as_ref(), &contact.answered),
+            (Step::Ended, state.ended.as_ref(), &contact.ended),
+        ];
+        for (step, facts, template) in steps {
+            let Some(facts) = facts else { continue };
+            context.extend(facts.values.clone());
+            if state.failed_steps.contains_key(step.name()) {
+                continue;
+            }
+            match templates.render(template, &Value::Object(context.clone())) {
+                Ok(Value::Object(body)) => desired.extend(body),
+                Ok(_) => return Err(ApplyError::Permanent(format!("the {} template must produce an object", step.name()))),
+                Err(error) if step == Step::Created => return Err(ApplyError::Permanent(error.to_string())),
+                Err(error) => failed.push((step, error.to_string())),
+            }
+        }
+        if let Some(customer) = &state.customer {
+            let bind = format!("regardingobjectid_{}_{}@odata.bind", customer.entity, contact.logical_name);
+            desired
+                .entry(bind)
+                .or_insert_with(|| Value::String(format!("/{}({})", customer.entity_set, customer.id)));
+        }
+        let ended_ok = state.ended.is_some() && !state.failed_steps.contains_key(Step::Ended.name()) && !failed.iter().any(|(s, _)| *s == Step::Ended);
+        let close = match (&contact.close, ended_ok) {
+            (Some(template), true) => match templates.render(template, &Value::Object(context.clone())) {
+                Ok(Value::Object(body)) => Some(body),
+                Ok(_) => return Err(ApplyError::Permanent("the close template must produce an object".into())),
+                Err(error) => {
+                    failed.push((Step::Ended, error.to_string()));
+                    None
+                }
+            },
+            _ => None,
+        };
+        let mut notes = Vec::new();
+        if !state.failed_steps.contains_key(Step::Recording.name()) {
+            for (key, facts) in &state.recordings {
+                let mut recording_context = context.clone();
+                recording_context.extend(facts.values.clone());
+                match templates.render(&contact.recording, &Value::Object(recording_context)) {
+                    Ok(Value::Object(body)) => desired.extend(body),
+                    Ok(_) => return Err(ApplyError::Permanent("the recording template must produce an object".into())),
+                    Err(error) => {
+                        failed.push((Step::Recording, error.to_string()));
+                        break;
+                    }
+                }
+                if let Some(text) = &facts.note
+                    && !state.notes.contains(key)
+                {
+                    let kind = facts.values["recording"]["kind"].as_str().unwrap_or("transcript");
+                    let mut note = Map::new();
+                    note.insert("subject".into(), Value::String(format!("Amazon Connect {kind}")));
+                    note.insert("notetext".into(), Value::String(text.chars().take(100_000).collect()));
+                    note.insert(
+                        format!("objectid_{}@odata.bind", contact.logical_name),
+                        Value::String(format!("/{}({record})", contact.entity_set)),
+                    );
+                    notes.push((key.clone(), note));
+                }
+            }
+        }
+        Ok(Rendered { desired, close, notes, failed })
+    }
+
+    /// Brings the record up to date; returns steps that failed to render this time.
+    async fn apply(&self, state: &mut ContactState, deadline: Instant) -> Result<Vec<(Step, String)>, ApplyError> {
+        if state.created.is_none() {
+            return Err(ApplyError::Pending("the contact's creation has not been seen yet".into()));
+        }
+        let Some(record) = Self::record_id_of(state) else {
+            return Err(ApplyError::Permanent("the contact's creation facts name no Amazon Connect instance".into()));
+        };
+        let rendered = self.render(state, record)?;
+        for (step, reason) in &rendered.failed {
+            state.failed_steps.insert(step.name().to_owned(), reason.clone());
+        }
+        let mut checked_closed = false;
+        loop {
+            match self.write(state, record, &rendered, deadline).await {
+                Ok(()) => return Ok(rendered.failed),
+                // A record closed behind our back (a crash after the close, or a user):
+                // learn it once and take the reopen path.
+                Err(refused @ DataverseError::Rejected { status: 400, .. }) if !state.closed && !checked_closed => {
+                    checked_closed = true;
+                    let current = self
+                        .dataverse
+                        .get(self.activity_set(), record, &["statecode".to_owned()], deadline)
+                        .await?;
+                    match current.and_then(|r| r.get("statecode").and_then(Value::as_i64)) {
+                        Some(code) if code != 0 => {
+                            state.closed = true;
+                            state.record_exists = true;
+                            state.written.clear();
+                        }
+                        _ => return Err(refused.into()),
+                    }
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+    }
+
+    async fn write(&self, state: &mut ContactState, record: Uuid, rendered: &Rendered, deadline: Instant) -> Result<(), DataverseError> {
+        let set = self.activity_set();
+        if !state.record_exists {
+            self.dataverse.upsert(set, record, &Value::Object(rendered.desired.clone()), deadline).await?;
+            state.record_exists = true;
+            state.written = rendered.desired.clone();
+        }
+        let changes = changed(&state.written, &rendered.desired);
+        let mut reopened = false;
+        if !changes.is_empty() {
+            if state.closed {
+                self.dataverse
+                    .update(set, record, &json!({"statecode": 0, "statuscode": 1}), deadline)
+                    .await?;
+                state.closed = false;
+                reopened = true;
+            }
+            self.dataverse.update(set, record, &Value::Object(changes.clone()), deadline).await?;
+            state.written.extend(changes);
+        }
+        if let Some(close) = &rendered.close
+            && (!state.closed || reopened)
+        {
+            self.dataverse.update(set, record, &Value::Object(close.clone()), deadline).await?;
+            state.closed = true;
+        }
+        let annotations = EntitySet::new("annotations").expect("a literal entity set");
+        for (key, note) in &rendered.notes {
+            let id = Uuid::new_v5(&record, key.as_bytes());
+            self.dataverse.create_with_id(&annotations, id, &Value::Object(note.clone()), deadline).await?;
+            state.notes.insert(key.clone());
+        }
+        Ok(())
+    }
+
+    /// Facts of an S3 `Object Created` event: the link, and the transcript text when wanted.
+    pub async fn recording_facts(&self, detail: &ObjectCreatedDetail, region: Option<&str>) -> Result<Result<StepFacts, String>, StoreError> {
+        let key = match recording::classify(&detail.object.key) {
+            Ok(key) => key,
+            Err(reason) => return Ok(Err(format!("{reason}: {}", detail.object.key))),
+        };
+        let mut values = Map::new();
+        values.insert("ContactId".into(), Value::String(key.contact_id.to_string()));
+        let recording = json!({
+            "kind": key.kind.label(),
+            "bucket": detail.bucket.name,
+            "key": detail.object.key,
+            "region": region.unwrap_or_default(),
+            "redacted": key.redacted,
+        });
+        values.insert("recording".into(), recording);
+        let link = self
+            .config
+            .templates
+            .render_text(&self.config.contact.recording_link, &Value::Object(values.clone()))
+            .map_err(|e| StoreError::new("template", e.to_string(), false))?;
+        values["recording"]["url"] = Value::String(link);
+        let contact = &self.config.contact;
+        let small_enough = detail.object.size.is_none_or(|size| size <= contact.transcript_max_bytes);
+        let note = if contact.transcript_notes && key.kind.has_transcript() && small_enough {
+            self.transcript(&detail.bucket.name, &detail.object.key, key.kind).await?
+        } else {
+            None
+        };
+        Ok(Ok(StepFacts {
+            step: Step::Recording,
+            contact_id: key.contact_id,
+            instance_id: None,
+            source: Source::ContactEvent,
+            object_key: Some(detail.object.key.clone()),
+            values,
+            note,
+        }))
+    }
+
+    async fn transcript(&self, bucket: &str, key: &str, kind: RecordingKind) -> Result<Option<String>, StoreError> {
+        let Some(s3) = &self.s3 else {
+            return Ok(None);
+        };
+        let limit = self.config.contact.transcript_max_bytes;
+        // The key may arrive URL-encoded: try it as received, then decoded.
+        let decoded = percent_encoding::percent_decode_str(key).decode_utf8_lossy().into_owned();
+        let candidates = if decoded != key { vec![key.to_owned(), decoded] } else { vec![key.to_owned()] };
+        for candidate in candidates {
+            match s3.get_object().bucket(bucket).key(&candidate).send().await {
+                Ok(object) => {
+                    if object.content_length().is_some_and(|len| len as u64 > limit) {
+                        return Ok(None);
+                    }
+                    let bytes = object
+                        .body
+                        .collect()
+                        .await
+                        .map_err(|e| StoreError::new("S3", e.to_string(), true))?
+                        .into_bytes();
+                    let Ok(json) = serde_json::from_slice::<Value>(&bytes) else {
+                        tracing::warn!(key = candidate, "transcript is not JSON; linked only");
+                        return Ok(None);
+                    };
+                    return Ok(recording::transcript_text(&json).map(|text| format!("{}\n\n{text}", kind.label())));
+                }
+                Err(error) if error.as_service_error().is_some_and(|e| e.is_no_such_key()) => continue,
+                Err(error) => return Err(StoreError::from_sdk("S3", error)),
+            }
+        }
+        Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_changed_columns_are_sent() {
+        let written = json!({"a": 1, "b": "x"}).as_object().unwrap().clone();
+        let desired = json!({"a": 1, "b": "y", "c": true}).as_object().unwrap().clone();
+        assert_eq!(Value::Object(changed(&written, &desired)), json!({"b": "y", "c": true}));
+    }
+
+    #[test]
+    fn retry_delays_grow_to_sqs_limit() {
+        assert_eq!(retry_delay(0), Duration::from_secs(10));
+        assert_eq!(retry_delay(3), Duration::from_secs(80));
+        assert_eq!(retry_delay(20), Duration::from_secs(900));
+    }
+}

@@ -1,0 +1,93 @@
+//! Building a function's clients once per container, and running it on Lambda.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use lambda_runtime::{LambdaEvent, service_fn};
+use serde_json::Value;
+
+use crate::auth::Authenticator;
+use crate::config::{CONFIG_LOCATION_VAR, Config};
+use crate::contact_state::ContactStateStore;
+use crate::dataverse::DataverseClient;
+use crate::dataverse::retry::RetryPolicy;
+use crate::directory::CallerDirectory;
+use crate::handlers::deadline_from;
+use crate::handoff::Handoff;
+use crate::lifecycle::Lifecycle;
+use crate::token_cache::{TokenCache, TokenStore};
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot start: {0}")]
+pub struct StartupError(String);
+
+fn required(name: &str) -> Result<String, StartupError> {
+    std::env::var(name)
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .ok_or_else(|| StartupError(format!("environment variable {name} is not set")))
+}
+
+/// Everything a deployed function needs, from its environment:
+/// `CONNECT_DYNAMICS_CONFIG`, `TOKEN_CACHE_TABLE`, `CONTACT_STATE_TABLE`,
+/// `DIRECTORY_TABLE`, `RETRY_QUEUE_URL`, `DEAD_LETTER_QUEUE_URL`.
+pub async fn lifecycle_from_env(function: &'static str) -> Result<Lifecycle, StartupError> {
+    let aws = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let s3 = aws_sdk_s3::Client::new(&aws);
+    let dynamodb = aws_sdk_dynamodb::Client::new(&aws);
+    let location = required(CONFIG_LOCATION_VAR)?;
+    let config = Config::load(&location, Some(&s3)).await.map_err(|e| StartupError(e.to_string()))?;
+    let http = DataverseClient::http_client().map_err(|e| StartupError(e.to_string()))?;
+    let authenticator = Authenticator::new(http.clone(), &config.dynamics, Some(aws_sdk_secretsmanager::Client::new(&aws)));
+    let dynamics = &config.dynamics;
+    let tokens = TokenStore::new(dynamodb.clone(), required("TOKEN_CACHE_TABLE")?, &dynamics.tenant_id, &dynamics.client_id, &dynamics.scope);
+    let retry = RetryPolicy {
+        max_attempts: dynamics.max_attempts,
+        ..RetryPolicy::default()
+    };
+    let dataverse = DataverseClient::new(http, dynamics.api_base.clone(), TokenCache::new(authenticator, Some(tokens)), retry, dynamics.request_timeout);
+    Ok(Lifecycle {
+        dataverse,
+        state: ContactStateStore::dynamodb(dynamodb.clone(), required("CONTACT_STATE_TABLE")?),
+        directory: CallerDirectory::dynamodb(dynamodb, required("DIRECTORY_TABLE")?),
+        handoff: Handoff::Sqs {
+            client: aws_sdk_sqs::Client::new(&aws),
+            retry_queue_url: required("RETRY_QUEUE_URL")?,
+            dead_letter_queue_url: required("DEAD_LETTER_QUEUE_URL")?,
+        },
+        s3: Some(s3),
+        config: Arc::new(config),
+        function,
+    })
+}
+
+/// Runs a lifecycle handler on the Lambda runtime: logging set up, clients built
+/// once, each event handed to `handler` with its deadline.
+pub async fn run<F, Fut>(function: &'static str, handler: F) -> Result<(), lambda_runtime::Error>
+where
+    F: Fn(&'static Lifecycle, Value, Instant) -> Fut,
+    Fut: Future<Output = Result<Value, crate::handlers::HandlerError>>,
+{
+    crate::observe::init_logging();
+    let lifecycle: &'static Lifecycle = match lifecycle_from_env(function).await {
+        Ok(lifecycle) => Box::leak(Box::new(lifecycle)),
+        Err(error) => {
+            tracing::error!(%error, "startup failed");
+            return Err(error.into());
+        }
+    };
+    let handler = &handler;
+    lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| async move {
+        handler(lifecycle, event.payload, deadline_from(event.context.deadline()))
+            .await
+            .map_err(|error| lambda_runtime::Diagnostic {
+                error_type: match error {
+                    crate::handlers::HandlerError::Malformed(_) => "MalformedEvent".into(),
+                    crate::handlers::HandlerError::Retry(_) => "HandoffFailed".into(),
+                },
+                error_message: error.to_string(),
+            })
+    }))
+    .await
+}
