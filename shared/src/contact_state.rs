@@ -57,9 +57,27 @@ impl ContactState {
             }
         };
         match slot {
-            Some(existing) if existing.source >= facts.source => false,
+            Some(existing) if existing.source == facts.source => false,
+            Some(existing) if facts.step == Step::Created && existing.source == Source::Flow => {
+                // A late INITIATED event still knows the real start time.
+                match facts.values.get("InitiationTimestamp") {
+                    Some(initiated) if existing.values.get("InitiationTimestamp") != Some(initiated) => {
+                        existing.values.insert("InitiationTimestamp".into(), initiated.clone());
+                        true
+                    }
+                    _ => false,
+                }
+            }
             Some(existing) if facts.step == Step::Created && facts.source == Source::Flow => {
-                *existing = facts;
+                // The flow knows the caller; the INITIATED event knows when the contact
+                // really started (the flow only knows when it ran).
+                let initiated = existing.values.get("InitiationTimestamp").cloned();
+                let mut values = std::mem::take(&mut existing.values);
+                values.extend(facts.values.clone());
+                if let Some(initiated) = initiated {
+                    values.insert("InitiationTimestamp".into(), initiated);
+                }
+                *existing = StepFacts { values, ..facts };
                 // The flow brings the caller's number: look the caller up again.
                 self.customer_looked_up = false;
                 true
@@ -249,6 +267,7 @@ mod tests {
         assert!(state.merge(facts(Step::Created, Source::Flow, "flow")));
         assert!(!state.merge(facts(Step::Created, Source::ContactEvent, "late event")));
         assert_eq!(state.created.as_ref().unwrap().values["marker"], "flow");
+        assert_eq!(state.created.as_ref().unwrap().source, Source::Flow);
         assert!(state.merge(facts(Step::Recording, Source::ContactEvent, "a.wav")));
         assert!(!state.merge(facts(Step::Recording, Source::ContactEvent, "a.wav")));
         assert!(state.merge(facts(Step::Recording, Source::ContactEvent, "b.json")));

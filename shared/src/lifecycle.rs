@@ -35,6 +35,8 @@ pub struct Lifecycle {
     pub handoff: Handoff,
     pub s3: Option<aws_sdk_s3::Client>,
     pub function: &'static str,
+    /// First retry delay; doubles per attempt up to SQS's 15 minutes.
+    pub retry_base_delay: Duration,
 }
 
 /// What became of one event.
@@ -100,9 +102,12 @@ fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-/// Delay before retry `attempt`: 10 s doubling, at most SQS's 15 minutes.
-pub fn retry_delay(attempt: u32) -> Duration {
-    Duration::from_secs((10u64 << attempt.min(7)).min(900))
+/// The default first retry delay.
+pub const RETRY_BASE_DELAY: Duration = Duration::from_secs(10);
+
+/// Delay before retry `attempt`: `base` doubling, at most SQS's 15 minutes.
+pub fn retry_delay(base: Duration, attempt: u32) -> Duration {
+    (base * (1u32 << attempt.min(7))).min(Duration::from_secs(900))
 }
 
 /// Columns of `desired` whose value differs from what was written.
@@ -227,7 +232,7 @@ impl Lifecycle {
                 first_seen,
                 reason: format!("state not saved: {error}"),
             };
-            self.handoff.retry_later(&message, retry_delay(attempt)).await?;
+            self.handoff.retry_later(&message, retry_delay(self.retry_base_delay, attempt)).await?;
             report.outcome = Outcome::Deferred { reason: message.reason };
             return Ok(report);
         }
@@ -259,7 +264,7 @@ impl Lifecycle {
                         first_seen: state.first_seen,
                         reason: reason.clone(),
                     };
-                    self.handoff.retry_later(&message, retry_delay(attempt)).await?;
+                    self.handoff.retry_later(&message, retry_delay(self.retry_base_delay, attempt)).await?;
                     Outcome::Deferred { reason }
                 }
             }
@@ -548,8 +553,8 @@ mod tests {
 
     #[test]
     fn retry_delays_grow_to_sqs_limit() {
-        assert_eq!(retry_delay(0), Duration::from_secs(10));
-        assert_eq!(retry_delay(3), Duration::from_secs(80));
-        assert_eq!(retry_delay(20), Duration::from_secs(900));
+        assert_eq!(retry_delay(RETRY_BASE_DELAY, 0), Duration::from_secs(10));
+        assert_eq!(retry_delay(RETRY_BASE_DELAY, 3), Duration::from_secs(80));
+        assert_eq!(retry_delay(RETRY_BASE_DELAY, 20), Duration::from_secs(900));
     }
 }

@@ -59,6 +59,7 @@ pub async fn lifecycle_from_env(function: &'static str) -> Result<Lifecycle, Sta
         s3: Some(s3),
         config: Arc::new(config),
         function,
+        retry_base_delay: crate::lifecycle::RETRY_BASE_DELAY,
     })
 }
 

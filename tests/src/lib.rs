@@ -140,3 +140,195 @@ pub fn token_store(
 pub fn deadline(seconds: u64) -> Instant {
     Instant::now() + Duration::from_secs(seconds)
 }
+
+/// Counts the requests an AWS SDK client sends (retries included).
+#[derive(Debug, Clone, Default)]
+pub struct RequestCounter(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+impl RequestCounter {
+    pub fn count(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl aws_sdk_dynamodb::config::Intercept for RequestCounter {
+    fn name(&self) -> &'static str {
+        "RequestCounter"
+    }
+
+    fn read_before_transmit(
+        &self,
+        _context: &aws_sdk_dynamodb::config::interceptors::BeforeTransmitInterceptorContextRef<'_>,
+        _components: &aws_sdk_dynamodb::config::RuntimeComponents,
+        _cfg: &mut aws_sdk_dynamodb::config::ConfigBag,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+async fn create_table(client: &aws_sdk_dynamodb::Client, prefix: &str, keys: &[&str]) -> String {
+    let name = format!("{prefix}-{}", uuid::Uuid::new_v4().simple());
+    let mut request = client.create_table().table_name(&name).billing_mode(BillingMode::PayPerRequest);
+    for (index, key) in keys.iter().enumerate() {
+        request = request
+            .attribute_definitions(
+                AttributeDefinition::builder()
+                    .attribute_name(*key)
+                    .attribute_type(ScalarAttributeType::S)
+                    .build()
+                    .expect("attribute definition"),
+            )
+            .key_schema(
+                KeySchemaElement::builder()
+                    .attribute_name(*key)
+                    .key_type(if index == 0 { KeyType::Hash } else { KeyType::Range })
+                    .build()
+                    .expect("key schema"),
+            );
+    }
+    request.send().await.expect("create a table in moto_server");
+    name
+}
+
+/// The AWS side of one test: its own tables, queues and bucket in moto_server.
+pub struct AwsResources {
+    pub dynamodb: aws_sdk_dynamodb::Client,
+    pub dynamodb_requests: RequestCounter,
+    pub sqs: aws_sdk_sqs::Client,
+    pub s3: aws_sdk_s3::Client,
+    pub token_table: String,
+    pub state_table: String,
+    pub directory_table: String,
+    pub retry_queue: String,
+    pub dead_letter_queue: String,
+    pub bucket: String,
+}
+
+impl AwsResources {
+    pub async fn create() -> Self {
+        let config = aws_config().await;
+        let dynamodb_requests = RequestCounter::default();
+        let dynamodb = aws_sdk_dynamodb::Client::from_conf(
+            aws_sdk_dynamodb::config::Builder::from(&config)
+                .interceptor(dynamodb_requests.clone())
+                .build(),
+        );
+        let sqs = aws_sdk_sqs::Client::new(&config);
+        let s3 = aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&config).force_path_style(true).build());
+        let suffix = uuid::Uuid::new_v4().simple().to_string();
+        let queue = |name: String| {
+            let sqs = sqs.clone();
+            async move {
+                sqs.create_queue()
+                    .queue_name(name)
+                    .send()
+                    .await
+                    .expect("create a queue in moto_server")
+                    .queue_url
+                    .expect("queue url")
+            }
+        };
+        let bucket = format!("recordings-{suffix}");
+        s3.create_bucket().bucket(&bucket).send().await.expect("create a bucket in moto_server");
+        Self {
+            token_table: token_table(&dynamodb).await,
+            state_table: create_table(&dynamodb, "contact-state", &["contact_id"]).await,
+            directory_table: create_table(&dynamodb, "directory", &["pk", "sk"]).await,
+            retry_queue: queue(format!("retry-{suffix}")).await,
+            dead_letter_queue: queue(format!("dead-letters-{suffix}")).await,
+            dynamodb,
+            dynamodb_requests,
+            sqs,
+            s3,
+            bucket,
+        }
+    }
+
+    /// Messages waiting in a queue, removed from it.
+    pub async fn drain(&self, queue: &str) -> Vec<aws_sdk_sqs::types::Message> {
+        let mut all = Vec::new();
+        loop {
+            let output = self
+                .sqs
+                .receive_message()
+                .queue_url(queue)
+                .max_number_of_messages(10)
+                .send()
+                .await
+                .expect("receive from moto_server");
+            let messages = output.messages.unwrap_or_default();
+            if messages.is_empty() {
+                return all;
+            }
+            for message in &messages {
+                if let Some(handle) = message.receipt_handle() {
+                    self.sqs
+                        .delete_message()
+                        .queue_url(queue)
+                        .receipt_handle(handle)
+                        .send()
+                        .await
+                        .expect("delete from moto_server");
+                }
+            }
+            all.extend(messages);
+        }
+    }
+
+    pub async fn dead_letters(&self) -> Vec<serde_json::Value> {
+        self.drain(&self.dead_letter_queue)
+            .await
+            .iter()
+            .filter_map(|m| m.body().and_then(|b| serde_json::from_str(b).ok()))
+            .collect()
+    }
+}
+
+/// A function's lifecycle wired to the emulator and moto_server, as `services` wires it in Lambda.
+pub fn lifecycle(emulator: &Emulator, aws: &AwsResources, yaml_extra: &str) -> shared::lifecycle::Lifecycle {
+    let yaml = format!("{}{yaml_extra}", config_yaml(emulator));
+    let config = Config::from_yaml(&yaml).expect("the test configuration is valid");
+    let store = token_store(&aws.dynamodb, &aws.token_table, emulator);
+    shared::lifecycle::Lifecycle {
+        dataverse: client(emulator, Some(store)),
+        state: shared::contact_state::ContactStateStore::dynamodb(aws.dynamodb.clone(), &aws.state_table),
+        directory: shared::directory::CallerDirectory::dynamodb(aws.dynamodb.clone(), &aws.directory_table),
+        handoff: shared::handoff::Handoff::Sqs {
+            client: aws.sqs.clone(),
+            retry_queue_url: aws.retry_queue.clone(),
+            dead_letter_queue_url: aws.dead_letter_queue.clone(),
+        },
+        s3: Some(aws.s3.clone()),
+        config: std::sync::Arc::new(config),
+        function: "test",
+        retry_base_delay: Duration::ZERO,
+    }
+}
+
+/// Feeds the retry queue's messages to contact-created until it stays empty.
+pub async fn drain_retries(lifecycle: &shared::lifecycle::Lifecycle, aws: &AwsResources) -> usize {
+    let mut handled = 0;
+    for _ in 0..50 {
+        let messages = aws.drain(&aws.retry_queue).await;
+        if messages.is_empty() {
+            return handled;
+        }
+        handled += messages.len();
+        let records: Vec<serde_json::Value> = messages
+            .iter()
+            .map(|m| serde_json::json!({"messageId": m.message_id(), "body": m.body(), "eventSource": "aws:sqs"}))
+            .collect();
+        let answer = shared::handlers::contact_created(lifecycle, serde_json::json!({"Records": records}), deadline(30))
+            .await
+            .expect("retry batch handled");
+        assert_eq!(answer["batchItemFailures"], serde_json::json!([]), "retries failed: {answer}");
+    }
+    panic!("the retry queue did not drain");
+}
+
+/// A fixture from `tests/fixtures`.
+pub fn fixture(name: &str) -> serde_json::Value {
+    let path = format!("{}/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))).expect("fixture is JSON")
+}

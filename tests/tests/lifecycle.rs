@@ -1,0 +1,389 @@
+//! The contact lifecycle end to end: the deployed handlers against the Dataverse
+//! emulator and moto_server (DynamoDB, SQS, S3).
+
+use std::time::{Duration, Instant};
+
+use dataverse_emulator::{Emulator, Faults};
+use e2e::{AwsResources, deadline, drain_retries, emulator, fixture, lifecycle};
+use serde_json::{Map, Value, json};
+use shared::handlers;
+use shared::lifecycle::Lifecycle;
+
+const FIXTURE_CONTACTS: [&str; 3] = [
+    "aee46de9-1e0c-428c-aa82-afe11b6ad2c5",
+    "16d9dbc3-3863-4327-b67e-d0f31673139e",
+    "8677c433-2692-4adf-985d-803bd5cd55e1",
+];
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Kind {
+    Flow,
+    Initiated,
+    Answered,
+    Ended,
+    Recording,
+}
+
+/// One contact's events, all naming the same contact.
+struct Scenario {
+    contact_id: String,
+    events: Vec<(Kind, Value)>,
+}
+
+fn retarget(event: Value, contact_id: &str, bucket: &str) -> Value {
+    let mut text = event.to_string();
+    for fixture_contact in FIXTURE_CONTACTS {
+        text = text.replace(fixture_contact, contact_id);
+    }
+    text = text
+        .replace("example-connect-transcripts", bucket)
+        .replace("\"initiationMethod\":\"OUTBOUND\"", "\"initiationMethod\":\"INBOUND\"");
+    serde_json::from_str(&text).unwrap()
+}
+
+async fn scenario(aws: &AwsResources) -> Scenario {
+    let contact_id = uuid::Uuid::new_v4().to_string();
+    let recording = retarget(fixture("s3-object-created.json"), &contact_id, &aws.bucket);
+    let key = recording["detail"]["object"]["key"].as_str().unwrap().to_owned();
+    let transcript = json!({"Transcript": [
+        {"Content": "Hello, my luggage is lost", "ParticipantRole": "CUSTOMER", "DisplayName": "Nadia"},
+        {"Content": "Let me check that for you", "ParticipantRole": "AGENT", "DisplayName": "Sam"}
+    ]});
+    aws.s3
+        .put_object()
+        .bucket(&aws.bucket)
+        .key(&key)
+        .body(transcript.to_string().into_bytes().into())
+        .send()
+        .await
+        .unwrap();
+    let events = vec![
+        (Kind::Flow, retarget(fixture("connect-flow-event.json"), &contact_id, &aws.bucket)),
+        (Kind::Initiated, retarget(fixture("connect-contact-event-initiated.constructed.json"), &contact_id, &aws.bucket)),
+        (Kind::Answered, retarget(fixture("connect-contact-event-connected-to-agent.json"), &contact_id, &aws.bucket)),
+        (Kind::Ended, retarget(fixture("connect-contact-event-disconnected.json"), &contact_id, &aws.bucket)),
+        (Kind::Recording, recording),
+    ];
+    Scenario { contact_id, events }
+}
+
+async fn deliver(lifecycle: &Lifecycle, kind: Kind, event: Value) -> Value {
+    let result = match kind {
+        Kind::Flow | Kind::Initiated => handlers::contact_created(lifecycle, event, deadline(8)).await,
+        Kind::Answered | Kind::Ended => handlers::contact_event(lifecycle, event, deadline(30)).await,
+        Kind::Recording => handlers::recording_available(lifecycle, event, deadline(30)).await,
+    };
+    result.unwrap_or_else(|e| panic!("{kind:?} failed: {e}"))
+}
+
+/// The activity records, without the columns Dataverse stamps on every write.
+fn phonecalls(emulator: &Emulator) -> Vec<Map<String, Value>> {
+    emulator
+        .records("phonecalls")
+        .into_iter()
+        .map(|record| {
+            let mut record = record.as_object().unwrap().clone();
+            for volatile in ["createdon", "modifiedon", "versionnumber"] {
+                record.remove(volatile);
+            }
+            record
+        })
+        .collect()
+}
+
+fn notes(emulator: &Emulator) -> Vec<String> {
+    emulator
+        .records("annotations")
+        .iter()
+        .map(|n| n["notetext"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn in_order_lifecycle_builds_one_complete_record() {
+    let emulator = emulator().await;
+    let aws = AwsResources::create().await;
+    let lifecycle = lifecycle(&emulator, &aws, "");
+    let scenario = scenario(&aws).await;
+    let tokens_before = emulator.token_requests();
+    let dynamodb_before = aws.dynamodb_requests.count();
+
+    let mut answer = Value::Null;
+    for (kind, event) in scenario.events.clone() {
+        let result = deliver(&lifecycle, kind, event).await;
+        if kind == Kind::Flow {
+            answer = result;
+        }
+    }
+    assert_eq!(drain_retries(&lifecycle, &aws).await, 0, "nothing was deferred");
+
+    let records = phonecalls(&emulator);
+    assert_eq!(records.len(), 1);
+    let record = &records[0];
+    let record_id = record["activityid"].as_str().unwrap();
+    assert_eq!(answer["dynamics_record_id"], record_id);
+    assert_eq!(answer["dynamics_status"], "created");
+    assert_eq!(answer["dynamics_customer_matched"], "false");
+    let screen_pop = answer["dynamics_screen_pop_url"].as_str().unwrap();
+    assert_eq!(
+        screen_pop,
+        format!("{}/main.aspx?pagetype=entityrecord&etn=phonecall&id={record_id}", emulator.org_url())
+    );
+    assert!(answer.as_object().unwrap().values().all(Value::is_string), "the flow answer is a flat string map");
+
+    assert_eq!(record["phonenumber"], "+447700900123");
+    assert_eq!(record["directioncode"], false);
+    assert_eq!(record["actualstart"], "2025-03-11T09:41:06Z");
+    assert_eq!(record["actualend"], "2025-03-11T13:26:48Z");
+    assert_eq!(record["statecode"], 1);
+    assert_eq!(record["statuscode"], 4);
+    let description = record["description"].as_str().unwrap();
+    assert!(description.contains("chat transcript"), "{description}");
+    assert!(description.contains(&scenario.contact_id), "{description}");
+    let notes = notes(&emulator);
+    assert_eq!(notes.len(), 1);
+    assert!(notes[0].contains("Nadia: Hello, my luggage is lost"), "{}", notes[0]);
+
+    let log = emulator.requests();
+    assert!(log.iter().filter(|r| r.method == "PATCH" && r.body.contains("statecode\":1")).count() >= 1);
+    assert!(
+        log.iter().filter(|r| r.method == "PATCH").skip(1).all(|r| r.header("if-match") == Some("*") || r.header("if-none-match") == Some("*")),
+        "every write after the creating upsert is an update that cannot create"
+    );
+    println!(
+        "one lifecycle: {} Dataverse requests, {} token requests, {} DynamoDB requests",
+        log.len(),
+        emulator.token_requests() - tokens_before,
+        aws.dynamodb_requests.count() - dynamodb_before
+    );
+    assert!(aws.dead_letters().await.is_empty());
+}
+
+async fn reference_record(scenario_events: &[(Kind, Value)]) -> (Vec<Map<String, Value>>, Vec<String>) {
+    let emulator = emulator().await;
+    let aws = AwsResources::create().await;
+    let lifecycle = lifecycle(&emulator, &aws, "");
+    for (kind, event) in scenario_events {
+        deliver(&lifecycle, *kind, event.clone()).await;
+    }
+    drain_retries(&lifecycle, &aws).await;
+    (phonecalls(&emulator), notes(&emulator))
+}
+
+/// Every event 1-3 times, in seeded random orders, sequentially and concurrently:
+/// the final record equals the in-order one, field by field.
+#[tokio::test]
+async fn shuffled_and_duplicated_delivery_gives_the_in_order_record() {
+    for seed in 0..10u64 {
+        let emulator = emulator().await;
+        let aws = AwsResources::create().await;
+        let lifecycle = std::sync::Arc::new(lifecycle(&emulator, &aws, ""));
+        let scenario = scenario(&aws).await;
+        // The reference shares the contact id, so the records must be identical.
+        let (expected, expected_notes) = reference_record(&scenario.events).await;
+
+        let mut rng = fastrand_like(seed);
+        let mut deliveries: Vec<(Kind, Value)> = Vec::new();
+        for (kind, event) in &scenario.events {
+            for _ in 0..(1 + rng.next() % 3) {
+                deliveries.push((*kind, event.clone()));
+            }
+        }
+        for i in (1..deliveries.len()).rev() {
+            deliveries.swap(i, (rng.next() % (i as u64 + 1)) as usize);
+        }
+        let order: Vec<Kind> = deliveries.iter().map(|(k, _)| *k).collect();
+        if seed % 2 == 0 {
+            for (kind, event) in deliveries {
+                deliver(&lifecycle, kind, event).await;
+            }
+        } else {
+            let mut tasks = tokio::task::JoinSet::new();
+            for (kind, event) in deliveries {
+                let lifecycle = lifecycle.clone();
+                tasks.spawn(async move { deliver(&lifecycle, kind, event).await });
+            }
+            while let Some(result) = tasks.join_next().await {
+                result.unwrap();
+            }
+        }
+        drain_retries(&lifecycle, &aws).await;
+        let actual = phonecalls(&emulator);
+        assert_eq!(actual.len(), 1, "seed {seed}, order {order:?}: exactly one record");
+        assert_eq!(actual, expected, "seed {seed}, order {order:?}");
+        assert_eq!(notes(&emulator), expected_notes, "seed {seed}: the note exists once");
+        assert!(aws.dead_letters().await.is_empty(), "seed {seed}: nothing dead-lettered");
+    }
+}
+
+/// A tiny deterministic generator (xorshift), so a failing seed replays.
+struct Rng(u64);
+fn fastrand_like(seed: u64) -> Rng {
+    Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+}
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+#[tokio::test]
+async fn throttle_storm_still_yields_the_in_order_record() {
+    let emulator = emulator().await;
+    let aws = AwsResources::create().await;
+    let lifecycle = lifecycle(&emulator, &aws, "");
+    let scenario = scenario(&aws).await;
+    let (expected, _) = reference_record(&scenario.events).await;
+    emulator.set_faults(Faults {
+        throttle_ratio: 0.3,
+        retry_after_secs: 1,
+        ..Faults::default()
+    });
+    for (kind, event) in scenario.events.clone() {
+        deliver(&lifecycle, kind, event).await;
+    }
+    drain_retries(&lifecycle, &aws).await;
+    assert_eq!(phonecalls(&emulator), expected);
+    assert!(emulator.requests().iter().any(|r| r.status == 429));
+    assert_eq!(emulator.premature_requests(), 0);
+    assert!(aws.dead_letters().await.is_empty());
+}
+
+#[tokio::test]
+async fn dynamics_down_the_flow_still_answers_in_time_and_the_record_appears_later() {
+    let emulator = emulator().await;
+    let aws = AwsResources::create().await;
+    let lifecycle = lifecycle(&emulator, &aws, "");
+    let scenario = scenario(&aws).await;
+    emulator.set_faults(Faults {
+        unavailable_ratio: 1.0,
+        ..Faults::default()
+    });
+    let (_, flow_event) = scenario.events[0].clone();
+    let started = Instant::now();
+    let answer = deliver(&lifecycle, Kind::Flow, flow_event).await;
+    let elapsed = started.elapsed();
+    println!("flow answered in {elapsed:?} with Dynamics down");
+    assert!(elapsed < Duration::from_secs(5), "the flow must answer well inside 8 s, took {elapsed:?}");
+    assert_eq!(answer["dynamics_status"], "pending");
+    let record_id = answer["dynamics_record_id"].as_str().unwrap().to_owned();
+    assert!(emulator.records("phonecalls").is_empty());
+
+    // The rest of the contact happens while Dynamics is still down.
+    for (kind, event) in scenario.events[2..4].to_vec() {
+        deliver(&lifecycle, kind, event).await;
+    }
+    emulator.clear_faults();
+    drain_retries(&lifecycle, &aws).await;
+    let records = phonecalls(&emulator);
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0]["activityid"], record_id.as_str());
+    assert_eq!(records[0]["statecode"], 1);
+    assert!(aws.dead_letters().await.is_empty());
+}
+
+#[tokio::test]
+async fn recording_before_the_end_is_kept_and_the_close_comes_last() {
+    let emulator = emulator().await;
+    let aws = AwsResources::create().await;
+    let lifecycle = lifecycle(&emulator, &aws, "");
+    let scenario = scenario(&aws).await;
+    for index in [0, 4, 2, 3] {
+        let (kind, event) = scenario.events[index].clone();
+        deliver(&lifecycle, kind, event).await;
+    }
+    let record = &phonecalls(&emulator)[0];
+    assert!(record["description"].as_str().unwrap().contains("chat transcript"));
+    assert_eq!(record["statecode"], 1);
+    let last_patch = emulator.requests().into_iter().filter(|r| r.method == "PATCH").last().unwrap();
+    assert!(last_patch.body.contains("\"statecode\":1"), "the close is the last write: {}", last_patch.body);
+}
+
+#[tokio::test]
+async fn events_for_a_contact_never_created_give_up_after_the_window() {
+    let emulator = emulator().await;
+    let aws = AwsResources::create().await;
+    let lifecycle = lifecycle(&emulator, &aws, "");
+    let scenario = scenario(&aws).await;
+    let (_, answered) = scenario.events[2].clone();
+    deliver(&lifecycle, Kind::Answered, answered).await;
+    let deferred = aws.drain(&aws.retry_queue).await;
+    assert_eq!(deferred.len(), 1, "the update waits for the creation");
+    // Replay the retry as if the window had passed.
+    let mut message: Value = serde_json::from_str(deferred[0].body().unwrap()).unwrap();
+    message["first_seen"] = json!(1);
+    let batch = json!({"Records": [{"messageId": "m1", "body": message.to_string(), "eventSource": "aws:sqs"}]});
+    handlers::contact_created(&lifecycle, batch, deadline(10)).await.unwrap();
+    let letters = aws.dead_letters().await;
+    assert_eq!(letters.len(), 1);
+    assert!(letters[0]["reason"].as_str().unwrap().contains("creation has not been seen"), "{}", letters[0]);
+    assert_eq!(letters[0]["contact_id"], scenario.contact_id.as_str());
+    assert!(emulator.records("phonecalls").is_empty());
+    assert!(aws.drain(&aws.retry_queue).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_value_dataverse_refuses_is_dead_lettered_once_with_the_odata_error() {
+    let emulator = emulator().await;
+    let aws = AwsResources::create().await;
+    let lifecycle = lifecycle(&emulator, &aws, "contact:\n  created:\n    body:\n      subject: \"{{ ContactId }}{{ ContactId }}{{ ContactId }}{{ ContactId }}{{ ContactId }}{{ ContactId }}\"\n");
+    let scenario = scenario(&aws).await;
+    let (_, flow_event) = scenario.events[0].clone();
+    let answer = deliver(&lifecycle, Kind::Flow, flow_event).await;
+    assert_eq!(answer["dynamics_status"], "failed");
+    let letters = aws.dead_letters().await;
+    assert_eq!(letters.len(), 1);
+    let reason = letters[0]["reason"].as_str().unwrap();
+    assert!(reason.contains("maximum allowed length of '200'"), "{reason}");
+    assert_eq!(letters[0]["step"], "created");
+    assert_eq!(emulator.requests().len(), 1, "a permanent error is not retried");
+}
+
+#[tokio::test]
+async fn chat_contacts_without_endpoints_work() {
+    // aws_lambda_events' own type refuses the chat event; ours takes it.
+    let chat = fixture("connect-flow-event-chat.json");
+    assert!(serde_json::from_value::<aws_lambda_events::event::connect::ConnectEvent>(chat.clone()).is_err());
+    let emulator = emulator().await;
+    let aws = AwsResources::create().await;
+    let lifecycle = lifecycle(&emulator, &aws, "");
+    let answer = deliver(&lifecycle, Kind::Flow, chat).await;
+    assert_eq!(answer["dynamics_status"], "created");
+    let record = &phonecalls(&emulator)[0];
+    assert_eq!(record["phonenumber"], Value::Null);
+    assert_eq!(record["subject"], "chat contact from an unknown number");
+}
+
+#[tokio::test]
+async fn malformed_events_get_clear_errors_and_never_panic() {
+    let emulator = emulator().await;
+    let aws = AwsResources::create().await;
+    let lifecycle = lifecycle(&emulator, &aws, "");
+    // The flow gets an error naming the problem.
+    for bad in [json!({"Details": {}}), json!({"Details": {"ContactData": {"ContactId": "not-a-uuid"}}})] {
+        let error = handlers::contact_created(&lifecycle, bad, deadline(8)).await.unwrap_err();
+        assert!(error.to_string().starts_with("malformed event"), "{error}");
+    }
+    // Asynchronous triggers dead-letter the event with the reason and succeed (no retry can help).
+    let bad_events = [
+        (Kind::Answered, json!({"detail-type": "Amazon Connect Contact Event", "source": "aws.connect", "detail": {"eventType": "CONNECTED_TO_AGENT"}})),
+        (Kind::Ended, json!({"detail-type": "Amazon Connect Contact Event", "source": "aws.connect", "detail": {"eventType": "DISCONNECTED", "contactId": "x)/../accounts"}})),
+        (Kind::Recording, json!({"detail-type": "Object Created", "source": "aws.s3", "detail": {"bucket": {}}})),
+        (Kind::Answered, json!([1, 2, 3])),
+    ];
+    for (kind, event) in bad_events {
+        deliver(&lifecycle, kind, event).await;
+    }
+    let letters = aws.dead_letters().await;
+    assert_eq!(letters.len(), 4, "{letters:?}");
+    assert!(letters.iter().all(|l| !l["reason"].as_str().unwrap().is_empty()));
+    // Keys that are not recordings are skipped, not dead-lettered.
+    let mut other = fixture("s3-object-created.json");
+    other["detail"]["object"]["key"] = json!("connect/example-cc/Reports/daily.csv");
+    deliver(&lifecycle, Kind::Recording, other).await;
+    assert!(aws.dead_letters().await.is_empty());
+    assert!(emulator.requests().is_empty());
+}
