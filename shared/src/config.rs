@@ -389,7 +389,10 @@ impl Config {
             ));
         }
         if contact_document.retry_window_minutes == 0 {
-            return Err(ConfigError::at("contact.retry_window_minutes", "must be at least 1"));
+            return Err(ConfigError::at(
+                "contact.retry_window_minutes",
+                "must be at least 1",
+            ));
         }
         if contact_document.state_ttl_days == 0 {
             return Err(ConfigError::at(

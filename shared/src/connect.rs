@@ -18,7 +18,10 @@ use crate::template::format_dataverse_datetime;
 pub const RECORD_NAMESPACE: Uuid = Uuid::from_u128(0x6c0e_5d1a_3b7f_4e2a_9c84_d2f1_a0b3_c5e7);
 
 pub fn record_id(instance_id: Uuid, contact_id: Uuid) -> Uuid {
-    Uuid::new_v5(&RECORD_NAMESPACE, format!("{instance_id}/{contact_id}").as_bytes())
+    Uuid::new_v5(
+        &RECORD_NAMESPACE,
+        format!("{instance_id}/{contact_id}").as_bytes(),
+    )
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -271,17 +274,55 @@ impl FlowEvent {
         let mut values = Map::new();
         values.insert("ContactId".into(), Value::String(contact.to_string()));
         values.insert("InstanceId".into(), Value::String(instance.to_string()));
-        insert_text(&mut values, "InitialContactId", data.initial_contact_id.as_deref());
-        insert_text(&mut values, "PreviousContactId", data.previous_contact_id.as_deref());
+        insert_text(
+            &mut values,
+            "InitialContactId",
+            data.initial_contact_id.as_deref(),
+        );
+        insert_text(
+            &mut values,
+            "PreviousContactId",
+            data.previous_contact_id.as_deref(),
+        );
         insert_text(&mut values, "Channel", data.channel.as_deref());
-        insert_text(&mut values, "InitiationMethod", data.initiation_method.as_deref());
-        insert_text(&mut values, "CustomerEndpoint", data.customer_endpoint.as_ref().and_then(|e| e.address.as_deref()));
-        insert_text(&mut values, "SystemEndpoint", data.system_endpoint.as_ref().and_then(|e| e.address.as_deref()));
-        insert_text(&mut values, "Queue", data.queue.as_ref().and_then(|q| q.name.as_deref()));
-        insert_text(&mut values, "QueueArn", data.queue.as_ref().and_then(|q| q.arn.as_deref()));
+        insert_text(
+            &mut values,
+            "InitiationMethod",
+            data.initiation_method.as_deref(),
+        );
+        insert_text(
+            &mut values,
+            "CustomerEndpoint",
+            data.customer_endpoint
+                .as_ref()
+                .and_then(|e| e.address.as_deref()),
+        );
+        insert_text(
+            &mut values,
+            "SystemEndpoint",
+            data.system_endpoint
+                .as_ref()
+                .and_then(|e| e.address.as_deref()),
+        );
+        insert_text(
+            &mut values,
+            "Queue",
+            data.queue.as_ref().and_then(|q| q.name.as_deref()),
+        );
+        insert_text(
+            &mut values,
+            "QueueArn",
+            data.queue.as_ref().and_then(|q| q.arn.as_deref()),
+        );
         insert_time(&mut values, "InitiationTimestamp", Some(now));
-        values.insert("Attributes".into(), json!(data.attributes.clone().unwrap_or_default()));
-        values.insert("Parameters".into(), json!(self.details.parameters.clone().unwrap_or_default()));
+        values.insert(
+            "Attributes".into(),
+            json!(data.attributes.clone().unwrap_or_default()),
+        );
+        values.insert(
+            "Parameters".into(),
+            json!(self.details.parameters.clone().unwrap_or_default()),
+        );
         Ok(StepFacts {
             step: Step::Created,
             contact_id: contact,
@@ -336,8 +377,16 @@ impl ContactEventDetail {
             values.insert("InstanceId".into(), Value::String(instance.to_string()));
         }
         insert_text(&mut values, "Channel", self.channel.as_deref());
-        insert_text(&mut values, "InitiationMethod", self.initiation_method.as_deref());
-        insert_text(&mut values, "InitialContactId", self.initial_contact_id.as_deref());
+        insert_text(
+            &mut values,
+            "InitiationMethod",
+            self.initiation_method.as_deref(),
+        );
+        insert_text(
+            &mut values,
+            "InitialContactId",
+            self.initial_contact_id.as_deref(),
+        );
         let initiated = timestamp(self.initiation_timestamp.as_deref());
         insert_time(&mut values, "InitiationTimestamp", initiated);
         if step == Step::Created {
@@ -346,22 +395,41 @@ impl ContactEventDetail {
             insert_text(
                 &mut values,
                 "SystemEndpoint",
-                self.tags.as_ref().and_then(|t| t.get("aws:connect:systemEndpoint")).map(String::as_str),
+                self.tags
+                    .as_ref()
+                    .and_then(|t| t.get("aws:connect:systemEndpoint"))
+                    .map(String::as_str),
             );
         }
-        let agent_answered = self.agent_info.as_ref().and_then(|a| timestamp(a.connected_to_agent_timestamp.as_deref()));
+        let agent_answered = self
+            .agent_info
+            .as_ref()
+            .and_then(|a| timestamp(a.connected_to_agent_timestamp.as_deref()));
         if let Some(agent) = &self.agent_info
             && let Some(arn) = agent.agent_arn.as_deref()
         {
-            let id = arn.rsplit_once("/agent/").map(|(_, id)| id.to_owned()).unwrap_or_default();
+            let id = arn
+                .rsplit_once("/agent/")
+                .map(|(_, id)| id.to_owned())
+                .unwrap_or_default();
             values.insert("agent".into(), json!({"arn": arn, "id": id}));
         }
         insert_time(&mut values, "ConnectedToAgentTimestamp", agent_answered);
-        insert_text(&mut values, "QueueArn", self.queue_info.as_ref().and_then(|q| q.queue_arn.as_deref()));
+        insert_text(
+            &mut values,
+            "QueueArn",
+            self.queue_info
+                .as_ref()
+                .and_then(|q| q.queue_arn.as_deref()),
+        );
         if step == Step::Ended {
             let ended = timestamp(self.disconnect_timestamp.as_deref());
             insert_time(&mut values, "DisconnectTimestamp", ended);
-            insert_text(&mut values, "DisconnectReason", self.disconnect_reason.as_deref());
+            insert_text(
+                &mut values,
+                "DisconnectReason",
+                self.disconnect_reason.as_deref(),
+            );
             if let (Some(start), Some(end)) = (initiated, ended) {
                 let seconds = (end - start).whole_seconds().max(0);
                 // Dataverse stores whole minutes; a started minute counts.
@@ -393,33 +461,72 @@ mod tests {
     #[test]
     fn flow_events_parse_for_voice_and_chat() {
         let now = OffsetDateTime::from_unix_timestamp(1_762_875_391).unwrap();
-        for name in ["connect-flow-event.json", "connect-flow-event-full.json", "connect-flow-event-chat.json"] {
+        for name in [
+            "connect-flow-event.json",
+            "connect-flow-event-full.json",
+            "connect-flow-event-chat.json",
+        ] {
             let event: FlowEvent = serde_json::from_value(fixture(name)).unwrap();
             let facts = event.facts(now).unwrap();
             assert_eq!(facts.step, Step::Created);
-            assert_eq!(facts.values["InstanceId"], "c714775e-f05f-4186-ad82-fe2ec415473e");
+            assert_eq!(
+                facts.values["InstanceId"],
+                "c714775e-f05f-4186-ad82-fe2ec415473e"
+            );
         }
-        let chat: FlowEvent = serde_json::from_value(fixture("connect-flow-event-chat.json")).unwrap();
+        let chat: FlowEvent =
+            serde_json::from_value(fixture("connect-flow-event-chat.json")).unwrap();
         assert!(chat.customer_number().is_none());
-        assert!(!chat.facts(now).unwrap().values.contains_key("CustomerEndpoint"));
-        assert_eq!(chat.facts(now).unwrap().values["Attributes"]["customerName"], "Nadia Okafor");
+        assert!(
+            !chat
+                .facts(now)
+                .unwrap()
+                .values
+                .contains_key("CustomerEndpoint")
+        );
+        assert_eq!(
+            chat.facts(now).unwrap().values["Attributes"]["customerName"],
+            "Nadia Okafor"
+        );
     }
 
     #[test]
     fn contact_events_give_their_steps() {
-        let detail = |name: &str| -> ContactEventDetail { serde_json::from_value(fixture(name)["detail"].clone()).unwrap() };
-        let initiated = detail("connect-contact-event-initiated.constructed.json").facts().unwrap().unwrap();
+        let detail = |name: &str| -> ContactEventDetail {
+            serde_json::from_value(fixture(name)["detail"].clone()).unwrap()
+        };
+        let initiated = detail("connect-contact-event-initiated.constructed.json")
+            .facts()
+            .unwrap()
+            .unwrap();
         assert_eq!(initiated.step, Step::Created);
         assert_eq!(initiated.source, Source::ContactEvent);
-        let answered = detail("connect-contact-event-connected-to-agent.json").facts().unwrap().unwrap();
+        let answered = detail("connect-contact-event-connected-to-agent.json")
+            .facts()
+            .unwrap()
+            .unwrap();
         assert_eq!(answered.step, Step::Answered);
-        assert_eq!(answered.values["agent"]["id"], "72df775f-4bad-4e6a-a431-df2e1440a45c");
-        assert_eq!(answered.values["ConnectedToAgentTimestamp"], "2025-03-11T09:41:44Z");
-        let ended = detail("connect-contact-event-disconnected.json").facts().unwrap().unwrap();
+        assert_eq!(
+            answered.values["agent"]["id"],
+            "72df775f-4bad-4e6a-a431-df2e1440a45c"
+        );
+        assert_eq!(
+            answered.values["ConnectedToAgentTimestamp"],
+            "2025-03-11T09:41:44Z"
+        );
+        let ended = detail("connect-contact-event-disconnected.json")
+            .facts()
+            .unwrap()
+            .unwrap();
         assert_eq!(ended.step, Step::Ended);
         assert_eq!(ended.values["DisconnectTimestamp"], "2025-03-11T13:26:48Z");
         assert_eq!(ended.values["DurationMinutes"], 7);
-        assert!(detail("connect-contact-event-contact-data-updated.json").facts().unwrap().is_none());
+        assert!(
+            detail("connect-contact-event-contact-data-updated.json")
+                .facts()
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]
@@ -434,7 +541,10 @@ mod tests {
         let instance = Uuid::parse_str("c714775e-f05f-4186-ad82-fe2ec415473e").unwrap();
         let contact = Uuid::parse_str("aee46de9-1e0c-428c-aa82-afe11b6ad2c5").unwrap();
         assert_eq!(record_id(instance, contact), record_id(instance, contact));
-        assert_ne!(record_id(instance, contact), record_id(instance, Uuid::nil()));
+        assert_ne!(
+            record_id(instance, contact),
+            record_id(instance, Uuid::nil())
+        );
         assert_eq!(record_id(instance, contact).get_version_num(), 5);
     }
 }

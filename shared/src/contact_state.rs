@@ -61,8 +61,12 @@ impl ContactState {
             Some(existing) if facts.step == Step::Created && existing.source == Source::Flow => {
                 // A late INITIATED event still knows the real start time.
                 match facts.values.get("InitiationTimestamp") {
-                    Some(initiated) if existing.values.get("InitiationTimestamp") != Some(initiated) => {
-                        existing.values.insert("InitiationTimestamp".into(), initiated.clone());
+                    Some(initiated)
+                        if existing.values.get("InitiationTimestamp") != Some(initiated) =>
+                    {
+                        existing
+                            .values
+                            .insert("InitiationTimestamp".into(), initiated.clone());
                         true
                     }
                     _ => false,
@@ -98,19 +102,30 @@ pub struct Lock {
     owner: String,
 }
 
+/// A contact's state and, while held, its lock (owner, expiry).
+type MemoryItem = (ContactState, Option<(String, Instant)>);
+
 pub enum ContactStateStore {
-    DynamoDb { client: aws_sdk_dynamodb::Client, table: String },
+    DynamoDb {
+        client: aws_sdk_dynamodb::Client,
+        table: String,
+    },
     /// For the local simulation: same behaviour, no AWS.
-    Memory(Mutex<HashMap<Uuid, (ContactState, Option<(String, Instant)>)>>),
+    Memory(Mutex<HashMap<Uuid, MemoryItem>>),
 }
 
 fn unix_millis() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl ContactStateStore {
     pub fn dynamodb(client: aws_sdk_dynamodb::Client, table: impl Into<String>) -> Self {
-        Self::DynamoDb { client, table: table.into() }
+        Self::DynamoDb {
+            client,
+            table: table.into(),
+        }
     }
 
     pub fn memory() -> Self {
@@ -119,7 +134,12 @@ impl ContactStateStore {
 
     /// Takes the contact's lock for `hold` and reads its state, waiting for another
     /// holder until `wait_until`. `None` when the contact stayed locked.
-    pub async fn lock(&self, contact_id: Uuid, hold: Duration, wait_until: Instant) -> Result<Option<(ContactState, Lock)>, StoreError> {
+    pub async fn lock(
+        &self,
+        contact_id: Uuid,
+        hold: Duration,
+        wait_until: Instant,
+    ) -> Result<Option<(ContactState, Lock)>, StoreError> {
         let owner = Uuid::new_v4().to_string();
         loop {
             if let Some(state) = self.try_lock(contact_id, &owner, hold).await? {
@@ -133,7 +153,12 @@ impl ContactStateStore {
         }
     }
 
-    async fn try_lock(&self, contact_id: Uuid, owner: &str, hold: Duration) -> Result<Option<ContactState>, StoreError> {
+    async fn try_lock(
+        &self,
+        contact_id: Uuid,
+        owner: &str,
+        hold: Duration,
+    ) -> Result<Option<ContactState>, StoreError> {
         match self {
             Self::DynamoDb { client, table } => {
                 let now = unix_millis();
@@ -144,7 +169,10 @@ impl ContactStateStore {
                     .update_expression("SET lock_owner = :owner, lock_until = :until")
                     .condition_expression("attribute_not_exists(lock_until) OR lock_until < :now")
                     .expression_attribute_values(":owner", AttributeValue::S(owner.to_owned()))
-                    .expression_attribute_values(":until", AttributeValue::N((now + hold.as_millis() as u64).to_string()))
+                    .expression_attribute_values(
+                        ":until",
+                        AttributeValue::N((now + hold.as_millis() as u64).to_string()),
+                    )
                     .expression_attribute_values(":now", AttributeValue::N(now.to_string()))
                     .return_values(ReturnValue::AllNew)
                     .send()
@@ -158,7 +186,13 @@ impl ContactStateStore {
                             .and_then(|v| v.as_s().ok())
                             .map(|json| serde_json::from_str(json))
                             .transpose()
-                            .map_err(|e| StoreError::new("DynamoDB", format!("contact state is not valid JSON: {e}"), false))?
+                            .map_err(|e| {
+                                StoreError::new(
+                                    "DynamoDB",
+                                    format!("contact state is not valid JSON: {e}"),
+                                    false,
+                                )
+                            })?
                             .unwrap_or_default();
                         Ok(Some(state))
                     }
@@ -169,7 +203,11 @@ impl ContactStateStore {
             Self::Memory(items) => {
                 let mut items = items.lock().unwrap_or_else(|p| p.into_inner());
                 let entry = items.entry(contact_id).or_default();
-                if entry.1.as_ref().is_some_and(|(_, until)| *until > Instant::now()) {
+                if entry
+                    .1
+                    .as_ref()
+                    .is_some_and(|(_, until)| *until > Instant::now())
+                {
                     return Ok(None);
                 }
                 entry.1 = Some((owner.to_owned(), Instant::now() + hold));
@@ -179,11 +217,20 @@ impl ContactStateStore {
     }
 
     /// Stores the state and releases the lock, if the lock is still ours.
-    pub async fn save(&self, state: &ContactState, lock: Lock, ttl_days: u32) -> Result<(), StoreError> {
+    pub async fn save(
+        &self,
+        state: &ContactState,
+        lock: Lock,
+        ttl_days: u32,
+    ) -> Result<(), StoreError> {
         match self {
             Self::DynamoDb { client, table } => {
-                let json = serde_json::to_string(state).map_err(|e| StoreError::new("DynamoDB", e.to_string(), false))?;
-                let ttl = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()) + u64::from(ttl_days) * 86_400;
+                let json = serde_json::to_string(state)
+                    .map_err(|e| StoreError::new("DynamoDB", e.to_string(), false))?;
+                let ttl = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs())
+                    + u64::from(ttl_days) * 86_400;
                 let result = client
                     .put_item()
                     .table_name(table)
@@ -208,7 +255,11 @@ impl ContactStateStore {
                 let mut items = items.lock().unwrap_or_else(|p| p.into_inner());
                 let entry = items.entry(lock.contact_id).or_default();
                 if entry.1.as_ref().map(|(owner, _)| owner) != Some(&lock.owner) {
-                    return Err(StoreError::new("memory", "the contact's lock expired before its state was saved", true));
+                    return Err(StoreError::new(
+                        "memory",
+                        "the contact's lock expired before its state was saved",
+                        true,
+                    ));
                 }
                 *entry = (state.clone(), None);
                 Ok(())
@@ -233,10 +284,17 @@ impl ContactStateStore {
                     .as_ref()
                     .and_then(|item| item.get("state"))
                     .and_then(|v| v.as_s().ok())
-                    .map(|json| serde_json::from_str(json).map_err(|e| StoreError::new("DynamoDB", e.to_string(), false)))
+                    .map(|json| {
+                        serde_json::from_str(json)
+                            .map_err(|e| StoreError::new("DynamoDB", e.to_string(), false))
+                    })
                     .transpose()
             }
-            Self::Memory(items) => Ok(items.lock().unwrap_or_else(|p| p.into_inner()).get(&contact_id).map(|(s, _)| s.clone())),
+            Self::Memory(items) => Ok(items
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&contact_id)
+                .map(|(s, _)| s.clone())),
         }
     }
 }

@@ -40,7 +40,10 @@ impl Customer {
                 object.insert("id".into(), Value::String(c.id.to_string()));
                 object.insert("entity".into(), Value::String(c.entity.clone()));
                 object.insert("entity_set".into(), Value::String(c.entity_set.clone()));
-                object.insert("name".into(), c.name.clone().map_or(Value::Null, Value::String));
+                object.insert(
+                    "name".into(),
+                    c.name.clone().map_or(Value::Null, Value::String),
+                );
                 Value::Object(object)
             }
         }
@@ -60,14 +63,20 @@ pub fn best_match(mut matches: Vec<Customer>) -> Option<Customer> {
 }
 
 pub enum CallerDirectory {
-    DynamoDb { client: aws_sdk_dynamodb::Client, table: String },
+    DynamoDb {
+        client: aws_sdk_dynamodb::Client,
+        table: String,
+    },
     /// For the local simulation: phone number -> matches.
     Memory(Mutex<BTreeMap<String, Vec<Customer>>>),
 }
 
 impl CallerDirectory {
     pub fn dynamodb(client: aws_sdk_dynamodb::Client, table: impl Into<String>) -> Self {
-        Self::DynamoDb { client, table: table.into() }
+        Self::DynamoDb {
+            client,
+            table: table.into(),
+        }
     }
 
     pub fn memory() -> Self {
@@ -86,7 +95,11 @@ impl CallerDirectory {
                     .send()
                     .await
                     .map_err(|e| StoreError::from_sdk("DynamoDB", e))?;
-                Ok(output.items().iter().filter_map(customer_from_item).collect())
+                Ok(output
+                    .items()
+                    .iter()
+                    .filter_map(customer_from_item)
+                    .collect())
             }
             Self::Memory(numbers) => Ok(numbers
                 .lock()
@@ -98,7 +111,9 @@ impl CallerDirectory {
     }
 }
 
-pub(crate) fn customer_from_item(item: &std::collections::HashMap<String, AttributeValue>) -> Option<Customer> {
+pub(crate) fn customer_from_item(
+    item: &std::collections::HashMap<String, AttributeValue>,
+) -> Option<Customer> {
     let text = |name: &str| item.get(name).and_then(|v| v.as_s().ok()).cloned();
     Some(Customer {
         entity: text("entity")?,
@@ -106,8 +121,14 @@ pub(crate) fn customer_from_item(item: &std::collections::HashMap<String, Attrib
         id: Uuid::try_parse(&text("id")?).ok()?,
         name: text("name"),
         modified_on: text("modified_on").unwrap_or_default(),
-        priority: item.get("priority").and_then(|v| v.as_n().ok()).and_then(|n| n.parse().ok()).unwrap_or(0),
-        fields: text("fields").and_then(|json| serde_json::from_str(&json).ok()).unwrap_or_default(),
+        priority: item
+            .get("priority")
+            .and_then(|v| v.as_n().ok())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0),
+        fields: text("fields")
+            .and_then(|json| serde_json::from_str(&json).ok())
+            .unwrap_or_default(),
     })
 }
 
@@ -135,7 +156,10 @@ mod tests {
             customer("contact", 1, "2026-11-19T10:00:00Z"),
         ])
         .unwrap();
-        assert_eq!((best.entity.as_str(), best.modified_on.as_str()), ("contact", "2026-11-19T10:00:00Z"));
+        assert_eq!(
+            (best.entity.as_str(), best.modified_on.as_str()),
+            ("contact", "2026-11-19T10:00:00Z")
+        );
         assert!(best_match(vec![]).is_none());
     }
 }

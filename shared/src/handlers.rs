@@ -30,11 +30,16 @@ const RESERVE: Duration = Duration::from_millis(1500);
 
 /// The Lambda deadline (Unix milliseconds, as the runtime reports it) as an `Instant`.
 pub fn deadline_from(deadline: SystemTime) -> Instant {
-    Instant::now() + deadline.duration_since(SystemTime::now()).unwrap_or_default()
+    Instant::now()
+        + deadline
+            .duration_since(SystemTime::now())
+            .unwrap_or_default()
 }
 
 fn work_deadline(lambda_deadline: Instant) -> Instant {
-    lambda_deadline.checked_sub(RESERVE).unwrap_or_else(Instant::now)
+    lambda_deadline
+        .checked_sub(RESERVE)
+        .unwrap_or_else(Instant::now)
 }
 
 fn finish(lifecycle: &Lifecycle, report: &Report, started: Instant) {
@@ -42,7 +47,12 @@ fn finish(lifecycle: &Lifecycle, report: &Report, started: Instant) {
 }
 
 /// Dead-letters an event nobody can process and reports it handled.
-async fn refuse(lifecycle: &Lifecycle, event: &Value, reason: String, started: Instant) -> Result<Value, HandlerError> {
+async fn refuse(
+    lifecycle: &Lifecycle,
+    event: &Value,
+    reason: String,
+    started: Instant,
+) -> Result<Value, HandlerError> {
     lifecycle
         .handoff
         .dead_letter(&DeadLetter {
@@ -79,7 +89,11 @@ fn skipped(reason: String) -> Report {
 }
 
 /// contact-created: the flow invocation, the `INITIATED` contact event, and the retry queue.
-pub async fn contact_created(lifecycle: &Lifecycle, event: Value, lambda_deadline: Instant) -> Result<Value, HandlerError> {
+pub async fn contact_created(
+    lifecycle: &Lifecycle,
+    event: Value,
+    lambda_deadline: Instant,
+) -> Result<Value, HandlerError> {
     if event.get("Details").is_some() {
         let answer = flow(lifecycle, event, lambda_deadline).await?;
         return Ok(serde_json::to_value(answer).unwrap_or_default());
@@ -92,23 +106,36 @@ pub async fn contact_created(lifecycle: &Lifecycle, event: Value, lambda_deadlin
 
 /// Answers the flow within its budget: the record id is known before Dynamics
 /// answers, so a slow or failing Dynamics defers the creation, never the caller.
-pub async fn flow(lifecycle: &Lifecycle, event: Value, lambda_deadline: Instant) -> Result<BTreeMap<String, String>, HandlerError> {
+pub async fn flow(
+    lifecycle: &Lifecycle,
+    event: Value,
+    lambda_deadline: Instant,
+) -> Result<BTreeMap<String, String>, HandlerError> {
     let started = Instant::now();
-    let parsed: FlowEvent = serde_json::from_value(event.clone()).map_err(|e| HandlerError::Malformed(format!("not a contact flow event: {e}")))?;
+    let parsed: FlowEvent = serde_json::from_value(event.clone())
+        .map_err(|e| HandlerError::Malformed(format!("not a contact flow event: {e}")))?;
     let facts = parsed
         .facts(OffsetDateTime::now_utc())
         .map_err(|e| HandlerError::Malformed(e.to_string()))?;
     let contact_id = facts.contact_id;
-    let record = facts.instance_id.map(|instance| crate::connect::record_id(instance, contact_id));
+    let record = facts
+        .instance_id
+        .map(|instance| crate::connect::record_id(instance, contact_id));
     let budget = started + lifecycle.config.contact.flow_budget;
     let deadline = budget.min(work_deadline(lambda_deadline));
-    let report = lifecycle.process(contact_id, Some(facts), 0, None, deadline, Some(&event)).await?;
+    let report = lifecycle
+        .process(contact_id, Some(facts), 0, None, deadline, Some(&event))
+        .await?;
     finish(lifecycle, &report, started);
     Ok(flow_answer(lifecycle, record.or(report.record_id), &report))
 }
 
 /// The flat string map the flow reads as `$.External.*`.
-fn flow_answer(lifecycle: &Lifecycle, record: Option<uuid::Uuid>, report: &Report) -> BTreeMap<String, String> {
+fn flow_answer(
+    lifecycle: &Lifecycle,
+    record: Option<uuid::Uuid>,
+    report: &Report,
+) -> BTreeMap<String, String> {
     let mut answer = BTreeMap::new();
     let status = match report.outcome {
         Outcome::Applied => "created",
@@ -119,7 +146,10 @@ fn flow_answer(lifecycle: &Lifecycle, record: Option<uuid::Uuid>, report: &Repor
     answer.insert("dynamics_status".into(), status.into());
     if let Some(record) = record {
         answer.insert("dynamics_record_id".into(), record.to_string());
-        answer.insert("dynamics_entity".into(), lifecycle.config.contact.logical_name.to_string());
+        answer.insert(
+            "dynamics_entity".into(),
+            lifecycle.config.contact.logical_name.to_string(),
+        );
         match lifecycle.screen_pop(record) {
             Ok(url) => {
                 answer.insert("dynamics_screen_pop_url".into(), url);
@@ -127,11 +157,20 @@ fn flow_answer(lifecycle: &Lifecycle, record: Option<uuid::Uuid>, report: &Repor
             Err(error) => tracing::warn!(%error, "screen-pop URL template failed"),
         }
     }
-    answer.insert("dynamics_customer_matched".into(), report.customer.is_some().to_string());
+    answer.insert(
+        "dynamics_customer_matched".into(),
+        report.customer.is_some().to_string(),
+    );
     if let Some(customer) = &report.customer {
         answer.insert("dynamics_customer_id".into(), customer.id.to_string());
         answer.insert("dynamics_customer_entity".into(), customer.entity.clone());
-        let name: String = customer.name.clone().unwrap_or_default().chars().take(256).collect();
+        let name: String = customer
+            .name
+            .clone()
+            .unwrap_or_default()
+            .chars()
+            .take(256)
+            .collect();
         answer.insert("dynamics_customer_name".into(), name);
     }
     answer
@@ -139,36 +178,75 @@ fn flow_answer(lifecycle: &Lifecycle, record: Option<uuid::Uuid>, report: &Repor
 
 /// contact-answered and contact-ended (and `INITIATED` in contact-created): an
 /// "Amazon Connect Contact Event" from EventBridge.
-pub async fn contact_event(lifecycle: &Lifecycle, event: Value, lambda_deadline: Instant) -> Result<Value, HandlerError> {
+pub async fn contact_event(
+    lifecycle: &Lifecycle,
+    event: Value,
+    lambda_deadline: Instant,
+) -> Result<Value, HandlerError> {
     let started = Instant::now();
     let parsed: EventBridgeEvent<ContactEventDetail> = match serde_json::from_value(event.clone()) {
         Ok(parsed) => parsed,
-        Err(error) => return refuse(lifecycle, &event, format!("not an Amazon Connect contact event: {error}"), started).await,
+        Err(error) => {
+            return refuse(
+                lifecycle,
+                &event,
+                format!("not an Amazon Connect contact event: {error}"),
+                started,
+            )
+            .await;
+        }
     };
     let facts = match parsed.detail.facts() {
         Ok(Some(facts)) => facts,
         Ok(None) => {
-            let report = skipped(format!("event type {:?} is not used", parsed.detail.event_type));
+            let report = skipped(format!(
+                "event type {:?} is not used",
+                parsed.detail.event_type
+            ));
             finish(lifecycle, &report, started);
             return Ok(Value::Null);
         }
         Err(error) => return refuse(lifecycle, &event, error.to_string(), started).await,
     };
     let report = lifecycle
-        .process(facts.contact_id, Some(facts), 0, None, work_deadline(lambda_deadline), Some(&event))
+        .process(
+            facts.contact_id,
+            Some(facts),
+            0,
+            None,
+            work_deadline(lambda_deadline),
+            Some(&event),
+        )
         .await?;
     finish(lifecycle, &report, started);
     Ok(Value::Null)
 }
 
 /// recording-available: S3 `Object Created` through EventBridge.
-pub async fn recording_available(lifecycle: &Lifecycle, event: Value, lambda_deadline: Instant) -> Result<Value, HandlerError> {
+pub async fn recording_available(
+    lifecycle: &Lifecycle,
+    event: Value,
+    lambda_deadline: Instant,
+) -> Result<Value, HandlerError> {
     let started = Instant::now();
-    let parsed: EventBridgeEvent<ObjectCreatedDetail> = match serde_json::from_value(event.clone()) {
+    let parsed: EventBridgeEvent<ObjectCreatedDetail> = match serde_json::from_value(event.clone())
+    {
         Ok(parsed) => parsed,
-        Err(error) => return refuse(lifecycle, &event, format!("not an S3 Object Created event: {error}"), started).await,
+        Err(error) => {
+            return refuse(
+                lifecycle,
+                &event,
+                format!("not an S3 Object Created event: {error}"),
+                started,
+            )
+            .await;
+        }
     };
-    let facts = match lifecycle.recording_facts(&parsed.detail, parsed.region.as_deref()).await.map_err(HandoffFailed)? {
+    let facts = match lifecycle
+        .recording_facts(&parsed.detail, parsed.region.as_deref())
+        .await
+        .map_err(HandoffFailed)?
+    {
         Ok(facts) => facts,
         Err(reason) => {
             let report = skipped(reason);
@@ -177,15 +255,27 @@ pub async fn recording_available(lifecycle: &Lifecycle, event: Value, lambda_dea
         }
     };
     let report = lifecycle
-        .process(facts.contact_id, Some(facts), 0, None, work_deadline(lambda_deadline), Some(&event))
+        .process(
+            facts.contact_id,
+            Some(facts),
+            0,
+            None,
+            work_deadline(lambda_deadline),
+            Some(&event),
+        )
         .await?;
     finish(lifecycle, &report, started);
     Ok(Value::Null)
 }
 
 /// The retry queue (SQS): each message is a contact to bring up to date again.
-pub async fn retries(lifecycle: &Lifecycle, event: Value, lambda_deadline: Instant) -> Result<Value, HandlerError> {
-    let batch: SqsEvent = serde_json::from_value(event).map_err(|e| HandlerError::Malformed(format!("not an SQS event: {e}")))?;
+pub async fn retries(
+    lifecycle: &Lifecycle,
+    event: Value,
+    lambda_deadline: Instant,
+) -> Result<Value, HandlerError> {
+    let batch: SqsEvent = serde_json::from_value(event)
+        .map_err(|e| HandlerError::Malformed(format!("not an SQS event: {e}")))?;
     let mut failures = Vec::new();
     for record in batch.records {
         let started = Instant::now();
@@ -195,7 +285,13 @@ pub async fn retries(lifecycle: &Lifecycle, event: Value, lambda_deadline: Insta
             Ok(message) => message,
             Err(error) => {
                 let raw = Value::String(body.clone());
-                refuse(lifecycle, &raw, format!("retry message is not valid: {error}"), started).await?;
+                refuse(
+                    lifecycle,
+                    &raw,
+                    format!("retry message is not valid: {error}"),
+                    started,
+                )
+                .await?;
                 continue;
             }
         };

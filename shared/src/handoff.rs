@@ -59,11 +59,20 @@ impl Handoff {
     }
 
     /// Queues a contact for another attempt after `delay` (at most 15 minutes, SQS's limit).
-    pub async fn retry_later(&self, message: &RetryMessage, delay: Duration) -> Result<(), StoreError> {
+    pub async fn retry_later(
+        &self,
+        message: &RetryMessage,
+        delay: Duration,
+    ) -> Result<(), StoreError> {
         let delay = delay.min(Duration::from_secs(900));
         match self {
-            Self::Sqs { client, retry_queue_url, .. } => {
-                let body = serde_json::to_string(message).map_err(|e| StoreError::new("SQS", e.to_string(), false))?;
+            Self::Sqs {
+                client,
+                retry_queue_url,
+                ..
+            } => {
+                let body = serde_json::to_string(message)
+                    .map_err(|e| StoreError::new("SQS", e.to_string(), false))?;
                 client
                     .send_message()
                     .queue_url(retry_queue_url)
@@ -75,7 +84,10 @@ impl Handoff {
                 Ok(())
             }
             Self::Memory { retries, .. } => {
-                retries.lock().unwrap_or_else(|p| p.into_inner()).push_back((message.clone(), delay));
+                retries
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push_back((message.clone(), delay));
                 Ok(())
             }
         }
@@ -83,8 +95,13 @@ impl Handoff {
 
     pub async fn dead_letter(&self, letter: &DeadLetter) -> Result<(), StoreError> {
         match self {
-            Self::Sqs { client, dead_letter_queue_url, .. } => {
-                let body = serde_json::to_string(letter).map_err(|e| StoreError::new("SQS", e.to_string(), false))?;
+            Self::Sqs {
+                client,
+                dead_letter_queue_url,
+                ..
+            } => {
+                let body = serde_json::to_string(letter)
+                    .map_err(|e| StoreError::new("SQS", e.to_string(), false))?;
                 client
                     .send_message()
                     .queue_url(dead_letter_queue_url)
@@ -95,7 +112,10 @@ impl Handoff {
                 Ok(())
             }
             Self::Memory { dead_letters, .. } => {
-                dead_letters.lock().unwrap_or_else(|p| p.into_inner()).push(letter.clone());
+                dead_letters
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(letter.clone());
                 Ok(())
             }
         }
@@ -104,14 +124,21 @@ impl Handoff {
     /// The next queued retry of the in-memory hand-off (the local simulation drains it).
     pub fn take_retry(&self) -> Option<RetryMessage> {
         match self {
-            Self::Memory { retries, .. } => retries.lock().unwrap_or_else(|p| p.into_inner()).pop_front().map(|(m, _)| m),
+            Self::Memory { retries, .. } => retries
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pop_front()
+                .map(|(m, _)| m),
             Self::Sqs { .. } => None,
         }
     }
 
     pub fn dead_letters(&self) -> Vec<DeadLetter> {
         match self {
-            Self::Memory { dead_letters, .. } => dead_letters.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            Self::Memory { dead_letters, .. } => dead_letters
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
             Self::Sqs { .. } => Vec::new(),
         }
     }

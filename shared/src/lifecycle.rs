@@ -99,7 +99,9 @@ impl From<DataverseError> for ApplyError {
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// The default first retry delay.
@@ -141,7 +143,9 @@ impl Lifecycle {
     /// The screen-pop URL and flow attributes for a contact's record.
     pub fn screen_pop(&self, record: Uuid) -> Result<String, crate::template::TemplateError> {
         let context = self.base_context(record, None);
-        self.config.templates.render_text(&self.config.contact.screen_pop_url, &Value::Object(context))
+        self.config
+            .templates
+            .render_text(&self.config.contact.screen_pop_url, &Value::Object(context))
     }
 
     fn base_context(&self, record: Uuid, customer: Option<&Customer>) -> Map<String, Value> {
@@ -159,7 +163,9 @@ impl Lifecycle {
         context.insert("org_url".into(), Value::String(dynamics.org_url.clone()));
         context.insert(
             "app_id".into(),
-            dynamics.app_id.map_or(Value::String(String::new()), |id| Value::String(id.to_string())),
+            dynamics.app_id.map_or(Value::String(String::new()), |id| {
+                Value::String(id.to_string())
+            }),
         );
         context
     }
@@ -188,7 +194,10 @@ impl Lifecycle {
             dataverse_retries: 0,
             dataverse_throttled: 0,
         };
-        let hold = deadline.saturating_duration_since(Instant::now()).clamp(Duration::from_secs(5), Duration::from_secs(60)) + Duration::from_secs(5);
+        let hold = deadline
+            .saturating_duration_since(Instant::now())
+            .clamp(Duration::from_secs(5), Duration::from_secs(60))
+            + Duration::from_secs(5);
         let lock_wait = deadline.min(Instant::now() + Duration::from_secs(2));
         let Some((mut state, lock)) = self.state.lock(contact_id, hold, lock_wait).await? else {
             let message = RetryMessage {
@@ -198,11 +207,16 @@ impl Lifecycle {
                 first_seen,
                 reason: "another invocation was working on the contact".into(),
             };
-            self.handoff.retry_later(&message, Duration::from_secs(2)).await?;
-            report.outcome = Outcome::Deferred { reason: message.reason };
+            self.handoff
+                .retry_later(&message, Duration::from_secs(2))
+                .await?;
+            report.outcome = Outcome::Deferred {
+                reason: message.reason,
+            };
             return Ok(report);
         };
-        if state.first_seen == 0 {
+        // The retry window runs from the earliest sighting of the contact's work.
+        if state.first_seen == 0 || first_seen < state.first_seen {
             state.first_seen = first_seen;
         }
         if let Some(facts) = facts.clone() {
@@ -222,7 +236,11 @@ impl Lifecycle {
             Ok(failed) => failed.clone(),
             Err(_) => Vec::new(),
         };
-        if let Err(error) = self.state.save(&state, lock, self.config.contact.state_ttl_days).await {
+        if let Err(error) = self
+            .state
+            .save(&state, lock, self.config.contact.state_ttl_days)
+            .await
+        {
             // The facts must not be lost: they travel with the retry message instead.
             tracing::warn!(%error, %contact_id, "contact state not saved; handing the event off");
             let message = RetryMessage {
@@ -232,28 +250,38 @@ impl Lifecycle {
                 first_seen,
                 reason: format!("state not saved: {error}"),
             };
-            self.handoff.retry_later(&message, retry_delay(self.retry_base_delay, attempt)).await?;
-            report.outcome = Outcome::Deferred { reason: message.reason };
+            self.handoff
+                .retry_later(&message, retry_delay(self.retry_base_delay, attempt))
+                .await?;
+            report.outcome = Outcome::Deferred {
+                reason: message.reason,
+            };
             return Ok(report);
         }
         for (failed_step, reason) in newly_failed {
-            self.dead_letter(&report, Some(failed_step), &reason, false, event).await?;
+            self.dead_letter(&report, Some(failed_step), &reason, false, event)
+                .await?;
         }
         report.outcome = match result {
             Ok(_) => Outcome::Applied,
             Err(ApplyError::Permanent(reason)) => {
-                self.dead_letter(&report, step, &reason, false, event).await?;
+                self.dead_letter(&report, step, &reason, false, event)
+                    .await?;
                 Outcome::DeadLettered { reason }
             }
             Err(ApplyError::Pending(reason) | ApplyError::Transient(reason)) => {
                 let age = Duration::from_secs(unix_now().saturating_sub(state.first_seen));
                 if age >= self.config.contact.retry_window {
-                    let reason = format!("{reason}; gave up after the {} minute retry window", self.config.contact.retry_window.as_secs() / 60);
+                    let reason = format!(
+                        "{reason}; gave up after the {} minute retry window",
+                        self.config.contact.retry_window.as_secs() / 60
+                    );
                     if step == Some(Step::Recording) {
                         tracing::warn!(%contact_id, %reason, "recording skipped");
                         Outcome::Skipped { reason }
                     } else {
-                        self.dead_letter(&report, step, &reason, true, event).await?;
+                        self.dead_letter(&report, step, &reason, true, event)
+                            .await?;
                         Outcome::DeadLettered { reason }
                     }
                 } else {
@@ -264,7 +292,9 @@ impl Lifecycle {
                         first_seen: state.first_seen,
                         reason: reason.clone(),
                     };
-                    self.handoff.retry_later(&message, retry_delay(self.retry_base_delay, attempt)).await?;
+                    self.handoff
+                        .retry_later(&message, retry_delay(self.retry_base_delay, attempt))
+                        .await?;
                     Outcome::Deferred { reason }
                 }
             }
@@ -272,7 +302,14 @@ impl Lifecycle {
         Ok(report)
     }
 
-    async fn dead_letter(&self, report: &Report, step: Option<Step>, reason: &str, transient: bool, event: Option<&Value>) -> Result<(), StoreError> {
+    async fn dead_letter(
+        &self,
+        report: &Report,
+        step: Option<Step>,
+        reason: &str,
+        transient: bool,
+        event: Option<&Value>,
+    ) -> Result<(), StoreError> {
         tracing::error!(
             contact_id = ?report.contact_id.map(|c| c.to_string()),
             step = step.map(Step::name),
@@ -316,7 +353,9 @@ impl Lifecycle {
                 state.customer = best_match(matches);
                 state.customer_looked_up = true;
             }
-            Err(error) => tracing::warn!(%error, "caller directory lookup failed; the contact stays unmatched for now"),
+            Err(error) => {
+                tracing::warn!(%error, "caller directory lookup failed; the contact stays unmatched for now")
+            }
         }
     }
 
@@ -339,27 +378,45 @@ impl Lifecycle {
             }
             match templates.render(template, &Value::Object(context.clone())) {
                 Ok(Value::Object(body)) => desired.extend(body),
-                Ok(_) => return Err(ApplyError::Permanent(format!("the {} template must produce an object", step.name()))),
-                Err(error) if step == Step::Created => return Err(ApplyError::Permanent(error.to_string())),
+                Ok(_) => {
+                    return Err(ApplyError::Permanent(format!(
+                        "the {} template must produce an object",
+                        step.name()
+                    )));
+                }
+                Err(error) if step == Step::Created => {
+                    return Err(ApplyError::Permanent(error.to_string()));
+                }
                 Err(error) => failed.push((step, error.to_string())),
             }
         }
         if let Some(customer) = &state.customer {
-            let bind = format!("regardingobjectid_{}_{}@odata.bind", customer.entity, contact.logical_name);
-            desired
-                .entry(bind)
-                .or_insert_with(|| Value::String(format!("/{}({})", customer.entity_set, customer.id)));
+            let bind = format!(
+                "regardingobjectid_{}_{}@odata.bind",
+                customer.entity, contact.logical_name
+            );
+            desired.entry(bind).or_insert_with(|| {
+                Value::String(format!("/{}({})", customer.entity_set, customer.id))
+            });
         }
-        let ended_ok = state.ended.is_some() && !state.failed_steps.contains_key(Step::Ended.name()) && !failed.iter().any(|(s, _)| *s == Step::Ended);
+        let ended_ok = state.ended.is_some()
+            && !state.failed_steps.contains_key(Step::Ended.name())
+            && !failed.iter().any(|(s, _)| *s == Step::Ended);
         let close = match (&contact.close, ended_ok) {
-            (Some(template), true) => match templates.render(template, &Value::Object(context.clone())) {
-                Ok(Value::Object(body)) => Some(body),
-                Ok(_) => return Err(ApplyError::Permanent("the close template must produce an object".into())),
-                Err(error) => {
-                    failed.push((Step::Ended, error.to_string()));
-                    None
+            (Some(template), true) => {
+                match templates.render(template, &Value::Object(context.clone())) {
+                    Ok(Value::Object(body)) => Some(body),
+                    Ok(_) => {
+                        return Err(ApplyError::Permanent(
+                            "the close template must produce an object".into(),
+                        ));
+                    }
+                    Err(error) => {
+                        failed.push((Step::Ended, error.to_string()));
+                        None
+                    }
                 }
-            },
+            }
             _ => None,
         };
         let mut notes = Vec::new();
@@ -369,7 +426,11 @@ impl Lifecycle {
                 recording_context.extend(facts.values.clone());
                 match templates.render(&contact.recording, &Value::Object(recording_context)) {
                     Ok(Value::Object(body)) => desired.extend(body),
-                    Ok(_) => return Err(ApplyError::Permanent("the recording template must produce an object".into())),
+                    Ok(_) => {
+                        return Err(ApplyError::Permanent(
+                            "the recording template must produce an object".into(),
+                        ));
+                    }
                     Err(error) => {
                         failed.push((Step::Recording, error.to_string()));
                         break;
@@ -378,10 +439,18 @@ impl Lifecycle {
                 if let Some(text) = &facts.note
                     && !state.notes.contains(key)
                 {
-                    let kind = facts.values["recording"]["kind"].as_str().unwrap_or("transcript");
+                    let kind = facts.values["recording"]["kind"]
+                        .as_str()
+                        .unwrap_or("transcript");
                     let mut note = Map::new();
-                    note.insert("subject".into(), Value::String(format!("Amazon Connect {kind}")));
-                    note.insert("notetext".into(), Value::String(text.chars().take(100_000).collect()));
+                    note.insert(
+                        "subject".into(),
+                        Value::String(format!("Amazon Connect {kind}")),
+                    );
+                    note.insert(
+                        "notetext".into(),
+                        Value::String(text.chars().take(100_000).collect()),
+                    );
                     note.insert(
                         format!("objectid_{}@odata.bind", contact.logical_name),
                         Value::String(format!("/{}({record})", contact.entity_set)),
@@ -390,20 +459,35 @@ impl Lifecycle {
                 }
             }
         }
-        Ok(Rendered { desired, close, notes, failed })
+        Ok(Rendered {
+            desired,
+            close,
+            notes,
+            failed,
+        })
     }
 
     /// Brings the record up to date; returns steps that failed to render this time.
-    async fn apply(&self, state: &mut ContactState, deadline: Instant) -> Result<Vec<(Step, String)>, ApplyError> {
+    async fn apply(
+        &self,
+        state: &mut ContactState,
+        deadline: Instant,
+    ) -> Result<Vec<(Step, String)>, ApplyError> {
         if state.created.is_none() {
-            return Err(ApplyError::Pending("the contact's creation has not been seen yet".into()));
+            return Err(ApplyError::Pending(
+                "the contact's creation has not been seen yet".into(),
+            ));
         }
         let Some(record) = Self::record_id_of(state) else {
-            return Err(ApplyError::Permanent("the contact's creation facts name no Amazon Connect instance".into()));
+            return Err(ApplyError::Permanent(
+                "the contact's creation facts name no Amazon Connect instance".into(),
+            ));
         };
         let rendered = self.render(state, record)?;
         for (step, reason) in &rendered.failed {
-            state.failed_steps.insert(step.name().to_owned(), reason.clone());
+            state
+                .failed_steps
+                .insert(step.name().to_owned(), reason.clone());
         }
         let mut checked_closed = false;
         loop {
@@ -411,11 +495,18 @@ impl Lifecycle {
                 Ok(()) => return Ok(rendered.failed),
                 // A record closed behind our back (a crash after the close, or a user):
                 // learn it once and take the reopen path.
-                Err(refused @ DataverseError::Rejected { status: 400, .. }) if !state.closed && !checked_closed => {
+                Err(refused @ DataverseError::Rejected { status: 400, .. })
+                    if !state.closed && !checked_closed =>
+                {
                     checked_closed = true;
                     let current = self
                         .dataverse
-                        .get(self.activity_set(), record, &["statecode".to_owned()], deadline)
+                        .get(
+                            self.activity_set(),
+                            record,
+                            &["statecode".to_owned()],
+                            deadline,
+                        )
                         .await?;
                     match current.and_then(|r| r.get("statecode").and_then(Value::as_i64)) {
                         Some(code) if code != 0 => {
@@ -431,10 +522,23 @@ impl Lifecycle {
         }
     }
 
-    async fn write(&self, state: &mut ContactState, record: Uuid, rendered: &Rendered, deadline: Instant) -> Result<(), DataverseError> {
+    async fn write(
+        &self,
+        state: &mut ContactState,
+        record: Uuid,
+        rendered: &Rendered,
+        deadline: Instant,
+    ) -> Result<(), DataverseError> {
         let set = self.activity_set();
         if !state.record_exists {
-            self.dataverse.upsert(set, record, &Value::Object(rendered.desired.clone()), deadline).await?;
+            self.dataverse
+                .upsert(
+                    set,
+                    record,
+                    &Value::Object(rendered.desired.clone()),
+                    deadline,
+                )
+                .await?;
             state.record_exists = true;
             state.written = rendered.desired.clone();
         }
@@ -443,37 +547,55 @@ impl Lifecycle {
         if !changes.is_empty() {
             if state.closed {
                 self.dataverse
-                    .update(set, record, &json!({"statecode": 0, "statuscode": 1}), deadline)
+                    .update(
+                        set,
+                        record,
+                        &json!({"statecode": 0, "statuscode": 1}),
+                        deadline,
+                    )
                     .await?;
                 state.closed = false;
                 reopened = true;
             }
-            self.dataverse.update(set, record, &Value::Object(changes.clone()), deadline).await?;
+            self.dataverse
+                .update(set, record, &Value::Object(changes.clone()), deadline)
+                .await?;
             state.written.extend(changes);
         }
         if let Some(close) = &rendered.close
             && (!state.closed || reopened)
         {
-            self.dataverse.update(set, record, &Value::Object(close.clone()), deadline).await?;
+            self.dataverse
+                .update(set, record, &Value::Object(close.clone()), deadline)
+                .await?;
             state.closed = true;
         }
         let annotations = EntitySet::new("annotations").expect("a literal entity set");
         for (key, note) in &rendered.notes {
             let id = Uuid::new_v5(&record, key.as_bytes());
-            self.dataverse.create_with_id(&annotations, id, &Value::Object(note.clone()), deadline).await?;
+            self.dataverse
+                .create_with_id(&annotations, id, &Value::Object(note.clone()), deadline)
+                .await?;
             state.notes.insert(key.clone());
         }
         Ok(())
     }
 
     /// Facts of an S3 `Object Created` event: the link, and the transcript text when wanted.
-    pub async fn recording_facts(&self, detail: &ObjectCreatedDetail, region: Option<&str>) -> Result<Result<StepFacts, String>, StoreError> {
+    pub async fn recording_facts(
+        &self,
+        detail: &ObjectCreatedDetail,
+        region: Option<&str>,
+    ) -> Result<Result<StepFacts, String>, StoreError> {
         let key = match recording::classify(&detail.object.key) {
             Ok(key) => key,
             Err(reason) => return Ok(Err(format!("{reason}: {}", detail.object.key))),
         };
         let mut values = Map::new();
-        values.insert("ContactId".into(), Value::String(key.contact_id.to_string()));
+        values.insert(
+            "ContactId".into(),
+            Value::String(key.contact_id.to_string()),
+        );
         let recording = json!({
             "kind": key.kind.label(),
             "bucket": detail.bucket.name,
@@ -485,13 +607,20 @@ impl Lifecycle {
         let link = self
             .config
             .templates
-            .render_text(&self.config.contact.recording_link, &Value::Object(values.clone()))
+            .render_text(
+                &self.config.contact.recording_link,
+                &Value::Object(values.clone()),
+            )
             .map_err(|e| StoreError::new("template", e.to_string(), false))?;
         values["recording"]["url"] = Value::String(link);
         let contact = &self.config.contact;
-        let small_enough = detail.object.size.is_none_or(|size| size <= contact.transcript_max_bytes);
+        let small_enough = detail
+            .object
+            .size
+            .is_none_or(|size| size <= contact.transcript_max_bytes);
         let note = if contact.transcript_notes && key.kind.has_transcript() && small_enough {
-            self.transcript(&detail.bucket.name, &detail.object.key, key.kind).await?
+            self.transcript(&detail.bucket.name, &detail.object.key, key.kind)
+                .await?
         } else {
             None
         };
@@ -506,18 +635,32 @@ impl Lifecycle {
         }))
     }
 
-    async fn transcript(&self, bucket: &str, key: &str, kind: RecordingKind) -> Result<Option<String>, StoreError> {
+    async fn transcript(
+        &self,
+        bucket: &str,
+        key: &str,
+        kind: RecordingKind,
+    ) -> Result<Option<String>, StoreError> {
         let Some(s3) = &self.s3 else {
             return Ok(None);
         };
         let limit = self.config.contact.transcript_max_bytes;
         // The key may arrive URL-encoded: try it as received, then decoded.
-        let decoded = percent_encoding::percent_decode_str(key).decode_utf8_lossy().into_owned();
-        let candidates = if decoded != key { vec![key.to_owned(), decoded] } else { vec![key.to_owned()] };
+        let decoded = percent_encoding::percent_decode_str(key)
+            .decode_utf8_lossy()
+            .into_owned();
+        let candidates = if decoded != key {
+            vec![key.to_owned(), decoded]
+        } else {
+            vec![key.to_owned()]
+        };
         for candidate in candidates {
             match s3.get_object().bucket(bucket).key(&candidate).send().await {
                 Ok(object) => {
-                    if object.content_length().is_some_and(|len| len as u64 > limit) {
+                    if object
+                        .content_length()
+                        .is_some_and(|len| len as u64 > limit)
+                    {
                         return Ok(None);
                     }
                     let bytes = object
@@ -530,9 +673,12 @@ impl Lifecycle {
                         tracing::warn!(key = candidate, "transcript is not JSON; linked only");
                         return Ok(None);
                     };
-                    return Ok(recording::transcript_text(&json).map(|text| format!("{}\n\n{text}", kind.label())));
+                    return Ok(recording::transcript_text(&json)
+                        .map(|text| format!("{}\n\n{text}", kind.label())));
                 }
-                Err(error) if error.as_service_error().is_some_and(|e| e.is_no_such_key()) => continue,
+                Err(error) if error.as_service_error().is_some_and(|e| e.is_no_such_key()) => {
+                    continue;
+                }
                 Err(error) => return Err(StoreError::from_sdk("S3", error)),
             }
         }
@@ -547,8 +693,14 @@ mod tests {
     #[test]
     fn only_changed_columns_are_sent() {
         let written = json!({"a": 1, "b": "x"}).as_object().unwrap().clone();
-        let desired = json!({"a": 1, "b": "y", "c": true}).as_object().unwrap().clone();
-        assert_eq!(Value::Object(changed(&written, &desired)), json!({"b": "y", "c": true}));
+        let desired = json!({"a": 1, "b": "y", "c": true})
+            .as_object()
+            .unwrap()
+            .clone();
+        assert_eq!(
+            Value::Object(changed(&written, &desired)),
+            json!({"b": "y", "c": true})
+        );
     }
 
     #[test]

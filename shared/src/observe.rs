@@ -8,10 +8,18 @@ use crate::lifecycle::{Outcome, Report};
 
 /// JSON logs in Lambda (CloudWatch parses them), readable text on a terminal.
 pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
     if std::env::var_os("AWS_LAMBDA_FUNCTION_NAME").is_some() {
-        builder.json().flatten_event(true).with_current_span(false).without_time().init();
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .without_time()
+            .init();
     } else {
         builder.with_writer(std::io::stderr).init();
     }
@@ -22,7 +30,9 @@ pub fn init_logging() {
 pub fn record(function: &str, report: &Report, elapsed: Duration) {
     let reason = match &report.outcome {
         Outcome::Applied => None,
-        Outcome::Deferred { reason } | Outcome::DeadLettered { reason } | Outcome::Skipped { reason } => Some(reason.as_str()),
+        Outcome::Deferred { reason }
+        | Outcome::DeadLettered { reason }
+        | Outcome::Skipped { reason } => Some(reason.as_str()),
     };
     tracing::info!(
         function,
@@ -43,7 +53,9 @@ pub fn record(function: &str, report: &Report, elapsed: Duration) {
 
 /// The embedded-metric-format document CloudWatch turns into metrics.
 pub fn metrics_document(function: &str, report: &Report, elapsed: Duration) -> serde_json::Value {
-    let timestamp = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    let timestamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
     let count = |yes: bool| u64::from(yes);
     json!({
         "_aws": {

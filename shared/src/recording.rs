@@ -76,7 +76,11 @@ pub fn classify(raw_key: &str) -> Result<RecordingKey, KeyError> {
     } else {
         return Err(KeyError::UnknownLayout);
     };
-    Ok(RecordingKey { kind, contact_id, redacted })
+    Ok(RecordingKey {
+        kind,
+        contact_id,
+        redacted,
+    })
 }
 
 /// The readable text of a chat transcript or Contact Lens file: one line per
@@ -112,30 +116,67 @@ mod tests {
     #[test]
     fn every_documented_layout() {
         let cases = [
-            (format!("connect/example-cc/CallRecordings/2025/03/11/{ID}_20250311T09:41_UTC.wav"), RecordingKind::CallRecording, false),
-            (format!("connect/example-cc/ChatTranscripts/2025/03/11/{ID}_20250311T09:41_UTC.json"), RecordingKind::ChatTranscript, false),
-            (format!("Analysis/Voice/2025/03/11/{ID}_analysis_2025-03-11T09:52:10Z.json"), RecordingKind::ContactLensAnalysis, false),
-            (format!("Analysis/Chat/2025/03/11/{ID}_analysis_2025-03-11T09:52:10Z.json"), RecordingKind::ContactLensAnalysis, false),
-            (format!("Analysis/Voice/Redacted/2025/03/11/{ID}_analysis_redacted_2025-03-11T09:52:10Z.json"), RecordingKind::ContactLensAnalysis, true),
+            (
+                format!("connect/example-cc/CallRecordings/2025/03/11/{ID}_20250311T09:41_UTC.wav"),
+                RecordingKind::CallRecording,
+                false,
+            ),
+            (
+                format!(
+                    "connect/example-cc/ChatTranscripts/2025/03/11/{ID}_20250311T09:41_UTC.json"
+                ),
+                RecordingKind::ChatTranscript,
+                false,
+            ),
+            (
+                format!("Analysis/Voice/2025/03/11/{ID}_analysis_2025-03-11T09:52:10Z.json"),
+                RecordingKind::ContactLensAnalysis,
+                false,
+            ),
+            (
+                format!("Analysis/Chat/2025/03/11/{ID}_analysis_2025-03-11T09:52:10Z.json"),
+                RecordingKind::ContactLensAnalysis,
+                false,
+            ),
+            (
+                format!(
+                    "Analysis/Voice/Redacted/2025/03/11/{ID}_analysis_redacted_2025-03-11T09:52:10Z.json"
+                ),
+                RecordingKind::ContactLensAnalysis,
+                true,
+            ),
         ];
         for (key, kind, redacted) in cases {
             let parsed = classify(&key).unwrap();
-            assert_eq!((parsed.kind, parsed.redacted, parsed.contact_id.to_string()), (kind, redacted, ID.to_owned()), "{key}");
+            assert_eq!(
+                (parsed.kind, parsed.redacted, parsed.contact_id.to_string()),
+                (kind, redacted, ID.to_owned()),
+                "{key}"
+            );
         }
     }
 
     #[test]
     fn url_encoded_keys_work() {
-        let key = format!("connect/example-cc/CallRecordings/2025/03/11/{ID}_20250311T09%3A41_UTC.wav");
+        let key =
+            format!("connect/example-cc/CallRecordings/2025/03/11/{ID}_20250311T09%3A41_UTC.wav");
         assert_eq!(classify(&key).unwrap().kind, RecordingKind::CallRecording);
     }
 
     #[test]
     fn other_keys_are_refused_with_a_reason() {
-        assert_eq!(classify("connect/example-cc/Reports/x.csv"), Err(KeyError::NoContactId));
-        assert_eq!(classify(&format!("connect/example-cc/Reports/{ID}_x.csv")), Err(KeyError::UnknownLayout));
         assert_eq!(
-            classify(&format!("Analysis/Voice/Redacted/2025/03/11/{ID}_call_recording_redacted_2025-03-11T09:52:10Z.wav")),
+            classify("connect/example-cc/Reports/x.csv"),
+            Err(KeyError::NoContactId)
+        );
+        assert_eq!(
+            classify(&format!("connect/example-cc/Reports/{ID}_x.csv")),
+            Err(KeyError::UnknownLayout)
+        );
+        assert_eq!(
+            classify(&format!(
+                "Analysis/Voice/Redacted/2025/03/11/{ID}_call_recording_redacted_2025-03-11T09:52:10Z.wav"
+            )),
             Err(KeyError::RedactedAudio)
         );
     }
@@ -147,7 +188,10 @@ mod tests {
             {"Content": "Hi, how can I help?", "ParticipantRole": "AGENT"},
             {"Type": "EVENT"}
         ]});
-        assert_eq!(transcript_text(&json).unwrap(), "Nadia: Hello\nAGENT: Hi, how can I help?");
+        assert_eq!(
+            transcript_text(&json).unwrap(),
+            "Nadia: Hello\nAGENT: Hi, how can I help?"
+        );
         assert!(transcript_text(&serde_json::json!({})).is_none());
     }
 

@@ -37,16 +37,34 @@ pub async fn lifecycle_from_env(function: &'static str) -> Result<Lifecycle, Sta
     let s3 = aws_sdk_s3::Client::new(&aws);
     let dynamodb = aws_sdk_dynamodb::Client::new(&aws);
     let location = required(CONFIG_LOCATION_VAR)?;
-    let config = Config::load(&location, Some(&s3)).await.map_err(|e| StartupError(e.to_string()))?;
+    let config = Config::load(&location, Some(&s3))
+        .await
+        .map_err(|e| StartupError(e.to_string()))?;
     let http = DataverseClient::http_client().map_err(|e| StartupError(e.to_string()))?;
-    let authenticator = Authenticator::new(http.clone(), &config.dynamics, Some(aws_sdk_secretsmanager::Client::new(&aws)));
+    let authenticator = Authenticator::new(
+        http.clone(),
+        &config.dynamics,
+        Some(aws_sdk_secretsmanager::Client::new(&aws)),
+    );
     let dynamics = &config.dynamics;
-    let tokens = TokenStore::new(dynamodb.clone(), required("TOKEN_CACHE_TABLE")?, &dynamics.tenant_id, &dynamics.client_id, &dynamics.scope);
+    let tokens = TokenStore::new(
+        dynamodb.clone(),
+        required("TOKEN_CACHE_TABLE")?,
+        &dynamics.tenant_id,
+        &dynamics.client_id,
+        &dynamics.scope,
+    );
     let retry = RetryPolicy {
         max_attempts: dynamics.max_attempts,
         ..RetryPolicy::default()
     };
-    let dataverse = DataverseClient::new(http, dynamics.api_base.clone(), TokenCache::new(authenticator, Some(tokens)), retry, dynamics.request_timeout);
+    let dataverse = DataverseClient::new(
+        http,
+        dynamics.api_base.clone(),
+        TokenCache::new(authenticator, Some(tokens)),
+        retry,
+        dynamics.request_timeout,
+    );
     Ok(Lifecycle {
         dataverse,
         state: ContactStateStore::dynamodb(dynamodb.clone(), required("CONTACT_STATE_TABLE")?),
@@ -80,15 +98,19 @@ where
     };
     let handler = &handler;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| async move {
-        handler(lifecycle, event.payload, deadline_from(event.context.deadline()))
-            .await
-            .map_err(|error| lambda_runtime::Diagnostic {
-                error_type: match error {
-                    crate::handlers::HandlerError::Malformed(_) => "MalformedEvent".into(),
-                    crate::handlers::HandlerError::Retry(_) => "HandoffFailed".into(),
-                },
-                error_message: error.to_string(),
-            })
+        handler(
+            lifecycle,
+            event.payload,
+            deadline_from(event.context.deadline()),
+        )
+        .await
+        .map_err(|error| lambda_runtime::Diagnostic {
+            error_type: match error {
+                crate::handlers::HandlerError::Malformed(_) => "MalformedEvent".into(),
+                crate::handlers::HandlerError::Retry(_) => "HandoffFailed".into(),
+            },
+            error_message: error.to_string(),
+        })
     }))
     .await
 }

@@ -169,7 +169,10 @@ impl aws_sdk_dynamodb::config::Intercept for RequestCounter {
 
 async fn create_table(client: &aws_sdk_dynamodb::Client, prefix: &str, keys: &[&str]) -> String {
     let name = format!("{prefix}-{}", uuid::Uuid::new_v4().simple());
-    let mut request = client.create_table().table_name(&name).billing_mode(BillingMode::PayPerRequest);
+    let mut request = client
+        .create_table()
+        .table_name(&name)
+        .billing_mode(BillingMode::PayPerRequest);
     for (index, key) in keys.iter().enumerate() {
         request = request
             .attribute_definitions(
@@ -182,7 +185,11 @@ async fn create_table(client: &aws_sdk_dynamodb::Client, prefix: &str, keys: &[&
             .key_schema(
                 KeySchemaElement::builder()
                     .attribute_name(*key)
-                    .key_type(if index == 0 { KeyType::Hash } else { KeyType::Range })
+                    .key_type(if index == 0 {
+                        KeyType::Hash
+                    } else {
+                        KeyType::Range
+                    })
                     .build()
                     .expect("key schema"),
             );
@@ -215,7 +222,11 @@ impl AwsResources {
                 .build(),
         );
         let sqs = aws_sdk_sqs::Client::new(&config);
-        let s3 = aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&config).force_path_style(true).build());
+        let s3 = aws_sdk_s3::Client::from_conf(
+            aws_sdk_s3::config::Builder::from(&config)
+                .force_path_style(true)
+                .build(),
+        );
         let suffix = uuid::Uuid::new_v4().simple().to_string();
         let queue = |name: String| {
             let sqs = sqs.clone();
@@ -230,7 +241,11 @@ impl AwsResources {
             }
         };
         let bucket = format!("recordings-{suffix}");
-        s3.create_bucket().bucket(&bucket).send().await.expect("create a bucket in moto_server");
+        s3.create_bucket()
+            .bucket(&bucket)
+            .send()
+            .await
+            .expect("create a bucket in moto_server");
         Self {
             token_table: token_table(&dynamodb).await,
             state_table: create_table(&dynamodb, "contact-state", &["contact_id"]).await,
@@ -286,14 +301,24 @@ impl AwsResources {
 }
 
 /// A function's lifecycle wired to the emulator and moto_server, as `services` wires it in Lambda.
-pub fn lifecycle(emulator: &Emulator, aws: &AwsResources, yaml_extra: &str) -> shared::lifecycle::Lifecycle {
+pub fn lifecycle(
+    emulator: &Emulator,
+    aws: &AwsResources,
+    yaml_extra: &str,
+) -> shared::lifecycle::Lifecycle {
     let yaml = format!("{}{yaml_extra}", config_yaml(emulator));
     let config = Config::from_yaml(&yaml).expect("the test configuration is valid");
     let store = token_store(&aws.dynamodb, &aws.token_table, emulator);
     shared::lifecycle::Lifecycle {
         dataverse: client(emulator, Some(store)),
-        state: shared::contact_state::ContactStateStore::dynamodb(aws.dynamodb.clone(), &aws.state_table),
-        directory: shared::directory::CallerDirectory::dynamodb(aws.dynamodb.clone(), &aws.directory_table),
+        state: shared::contact_state::ContactStateStore::dynamodb(
+            aws.dynamodb.clone(),
+            &aws.state_table,
+        ),
+        directory: shared::directory::CallerDirectory::dynamodb(
+            aws.dynamodb.clone(),
+            &aws.directory_table,
+        ),
         handoff: shared::handoff::Handoff::Sqs {
             client: aws.sqs.clone(),
             retry_queue_url: aws.retry_queue.clone(),
@@ -319,10 +344,18 @@ pub async fn drain_retries(lifecycle: &shared::lifecycle::Lifecycle, aws: &AwsRe
             .iter()
             .map(|m| serde_json::json!({"messageId": m.message_id(), "body": m.body(), "eventSource": "aws:sqs"}))
             .collect();
-        let answer = shared::handlers::contact_created(lifecycle, serde_json::json!({"Records": records}), deadline(30))
-            .await
-            .expect("retry batch handled");
-        assert_eq!(answer["batchItemFailures"], serde_json::json!([]), "retries failed: {answer}");
+        let answer = shared::handlers::contact_created(
+            lifecycle,
+            serde_json::json!({"Records": records}),
+            deadline(30),
+        )
+        .await
+        .expect("retry batch handled");
+        assert_eq!(
+            answer["batchItemFailures"],
+            serde_json::json!([]),
+            "retries failed: {answer}"
+        );
     }
     panic!("the retry queue did not drain");
 }
@@ -330,5 +363,6 @@ pub async fn drain_retries(lifecycle: &shared::lifecycle::Lifecycle, aws: &AwsRe
 /// A fixture from `tests/fixtures`.
 pub fn fixture(name: &str) -> serde_json::Value {
     let path = format!("{}/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
-    serde_json::from_str(&std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))).expect("fixture is JSON")
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}")))
+        .expect("fixture is JSON")
 }
