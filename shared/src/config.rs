@@ -237,29 +237,32 @@ fn default_screen_pop() -> String {
 fn default_state_ttl_days() -> u32 {
     30
 }
+/// The first line of the default description; later steps repeat it and add theirs,
+/// since Dataverse has no "append" and each step writes the whole column.
+const DESCRIPTION_HEAD: &str = "Amazon Connect {{ Channel | lower }} contact {{ ContactId }} ({{ InitiationMethod | default('') | lower }})";
+const DESCRIPTION_ANSWERED: &str = "{% if agent is defined %}\nAnswered by agent {{ agent.username | default(agent.id) }}{% if ConnectedToAgentTimestamp is defined %} at {{ ConnectedToAgentTimestamp }}{% endif %}{% endif %}";
+
 fn default_created() -> StepDocument {
     StepDocument {
         body: json!({
-            "subject": "{{ Channel | lower }} contact {{ CustomerEndpoint | default('from an unknown number') }}",
+            "subject": "{{ {'VOICE': 'Call', 'CHAT': 'Chat', 'TASK': 'Task', 'EMAIL': 'Email'}[Channel] | default('Contact') }} from {{ CustomerEndpoint | default('an unknown number') }}",
             "phonenumber": "{{ CustomerEndpoint | default(none) }}",
             "directioncode": "{{ InitiationMethod == 'OUTBOUND' }}",
             "actualstart": "{{ InitiationTimestamp | datetime }}",
-            "description": "Amazon Connect contact {{ ContactId }} ({{ Channel }}, {{ InitiationMethod }})",
+            "description": DESCRIPTION_HEAD,
         }),
     }
 }
 fn default_answered() -> StepDocument {
     StepDocument {
-        body: json!({
-            "description": "Amazon Connect contact {{ ContactId }} ({{ Channel }}, {{ InitiationMethod }}), answered by {{ agent.username | default(agent.id) }} at {{ ConnectedToAgentTimestamp | datetime }}",
-        }),
+        body: json!({ "description": format!("{DESCRIPTION_HEAD}{DESCRIPTION_ANSWERED}") }),
     }
 }
 fn default_ended() -> EndedDocument {
     EndedDocument {
         body: json!({
             "actualend": "{{ DisconnectTimestamp | datetime }}",
-            "actualdurationminutes": "{{ DurationMinutes }}",
+            "actualdurationminutes": "{{ DurationMinutes | default(0) }}",
         }),
         close: Some(json!({
             "statecode": 1,
@@ -269,7 +272,9 @@ fn default_ended() -> EndedDocument {
 }
 fn default_recording() -> StepDocument {
     StepDocument {
-        body: json!({ "description": "Amazon Connect contact {{ ContactId }}: {{ recording.kind }} at {{ recording.url }}" }),
+        body: json!({
+            "description": format!("{DESCRIPTION_HEAD}{DESCRIPTION_ANSWERED}\n{{{{ recording.kind | capitalize }}}}: {{{{ recording.url }}}}"),
+        }),
     }
 }
 

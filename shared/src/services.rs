@@ -114,3 +114,37 @@ where
     }))
     .await
 }
+
+/// A lifecycle for local runs (the CLI's `simulate` and `preview`): the given
+/// Dataverse org or emulator, with in-memory state, directory and queues.
+pub fn local_lifecycle(
+    config: Config,
+    secret: crate::secret::Secret,
+    function: &'static str,
+) -> Result<Lifecycle, StartupError> {
+    let http = DataverseClient::http_client().map_err(|e| StartupError(e.to_string()))?;
+    let authenticator =
+        Authenticator::new(http.clone(), &config.dynamics, None).with_secret(secret);
+    let dynamics = &config.dynamics;
+    let retry = RetryPolicy {
+        max_attempts: dynamics.max_attempts,
+        ..RetryPolicy::default()
+    };
+    let dataverse = DataverseClient::new(
+        http,
+        dynamics.api_base.clone(),
+        TokenCache::new(authenticator, None),
+        retry,
+        dynamics.request_timeout,
+    );
+    Ok(Lifecycle {
+        dataverse,
+        state: ContactStateStore::memory(),
+        directory: CallerDirectory::memory(),
+        handoff: Handoff::memory(),
+        s3: None,
+        config: Arc::new(config),
+        function,
+        retry_base_delay: std::time::Duration::ZERO,
+    })
+}

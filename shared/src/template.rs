@@ -76,8 +76,10 @@ impl Templates {
         env.set_auto_escape_callback(|_| AutoEscape::None);
         env.add_filter("truncate", truncate);
         env.add_filter("datetime", datetime);
-        env.add_filter("e164", move |raw: String| {
-            phones.normalize(&raw).unwrap_or(raw)
+        env.add_filter("e164", move |raw: JinjaValue| {
+            defined(&raw)?;
+            let text = raw.as_str().map_or_else(|| raw.to_string(), str::to_owned);
+            Ok::<_, minijinja::Error>(phones.normalize(&text).unwrap_or(text))
         });
         Self { env }
     }
@@ -292,18 +294,30 @@ fn single_placeholder(text: &str) -> Option<&str> {
         .then(|| inner.trim())
 }
 
+/// A filter given an undefined value fails the way a bare undefined variable does,
+/// so the error names the variable.
+fn defined(value: &JinjaValue) -> Result<(), minijinja::Error> {
+    if value.is_undefined() {
+        Err(minijinja::Error::from(ErrorKind::UndefinedError))
+    } else {
+        Ok(())
+    }
+}
+
 /// `truncate(n)`: at most `n` characters (Dynamics text columns have maximum lengths).
-fn truncate(value: JinjaValue, length: usize) -> String {
+fn truncate(value: JinjaValue, length: usize) -> Result<String, minijinja::Error> {
+    defined(&value)?;
     let text = match value.as_str() {
         Some(text) => text.to_owned(),
         None => value.to_string(),
     };
-    text.chars().take(length).collect()
+    Ok(text.chars().take(length).collect())
 }
 
 /// `datetime`: an ISO-8601 timestamp (or Unix seconds) as Dataverse writes it,
 /// UTC to the second: `2026-11-20T14:05:31Z`.
 fn datetime(value: JinjaValue) -> Result<String, minijinja::Error> {
+    defined(&value)?;
     let invalid = |detail: String| minijinja::Error::new(ErrorKind::InvalidOperation, detail);
     let instant = if let Some(text) = value.as_str() {
         OffsetDateTime::parse(text, &Rfc3339)
@@ -433,6 +447,18 @@ mod tests {
         assert_eq!(
             error.to_string(),
             "`contact.created.body.nested.actualend`: undefined variable `agent.username` (add `| default(...)` if it may be missing)"
+        );
+    }
+
+    #[test]
+    fn filters_on_a_missing_value_name_the_variable() {
+        let error =
+            render(json!({"end": "{{ DisconnectTime | datetime }}"}), json!({})).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("undefined variable `DisconnectTime`"),
+            "{error}"
         );
     }
 

@@ -461,7 +461,7 @@ async fn chat_contacts_without_endpoints_work() {
     assert_eq!(answer["dynamics_status"], "created");
     let record = &phonecalls(&emulator)[0];
     assert_eq!(record["phonenumber"], Value::Null);
-    assert_eq!(record["subject"], "chat contact from an unknown number");
+    assert_eq!(record["subject"], "Chat from an unknown number");
 }
 
 #[tokio::test]

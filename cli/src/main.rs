@@ -1,0 +1,257 @@
+//! `connect-dynamics`: operator commands.
+//!
+//! - `validate <config.yaml>`: check a configuration document, naming the exact key of any error.
+//! - `preview <created|answered|ended|recording> [--event FILE] [--config FILE]`: the exact
+//!   HTTP requests a step sends for a sample event (token redacted), or the exact error.
+//! - `simulate [--config FILE]`: a whole contact through the real handlers against an
+//!   embedded Dataverse emulator; prints every request and the final record.
+
+mod samples;
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use dataverse_emulator::{Emulator, EmulatorOptions, LoggedRequest};
+use serde_json::Value;
+use shared::config::Config;
+use shared::handlers;
+use shared::lifecycle::Lifecycle;
+use shared::secret::Secret;
+
+const USAGE: &str = "usage:
+  connect-dynamics validate <config.yaml>
+  connect-dynamics preview <created|answered|ended|recording> [--event FILE] [--config FILE]
+  connect-dynamics simulate [--config FILE]";
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("validate") => validate(&args[1..]),
+        Some("preview") => preview(&args[1..]).await,
+        Some("simulate") => simulate(&args[1..]).await,
+        Some("-h" | "--help") | None => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        Some(other) => Err(format!("unknown command `{other}`\n{USAGE}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The value after `--name`, if given.
+fn option(args: &[String], name: &str) -> Result<Option<String>, String> {
+    match args.iter().position(|a| a == name) {
+        None => Ok(None),
+        Some(index) => args
+            .get(index + 1)
+            .cloned()
+            .map(Some)
+            .ok_or_else(|| format!("{name} needs a value")),
+    }
+}
+
+fn validate(args: &[String]) -> Result<(), String> {
+    let path = args.first().ok_or(USAGE)?;
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
+    let config = Config::from_yaml(&text).map_err(|e| e.to_string())?;
+    println!("{path} is valid");
+    println!("  Dynamics:   {}", config.dynamics.org_url);
+    println!(
+        "  record:     {} ({})",
+        config.contact.logical_name, config.contact.entity_set
+    );
+    let entities: Vec<&str> = config
+        .directory
+        .iter()
+        .map(|m| m.logical_name.as_str())
+        .collect();
+    println!("  directory:  {}", entities.join(", "));
+    Ok(())
+}
+
+/// The emulator's connection settings on top of a configuration document's
+/// behaviour (templates, record, directory): nothing leaves this machine.
+fn local_config(emulator: &Emulator, user_yaml: Option<&str>) -> Result<Config, String> {
+    let dynamics = format!(
+        "dynamics:\n  url: {}\n  token_url: {}\n  tenant_id: {}\n  client_id: {}\n  credential: {{ client_secret: {{ env: UNUSED_LOCALLY }} }}\n",
+        emulator.org_url(),
+        emulator.token_url(),
+        emulator.options().tenant_id,
+        emulator.options().client_id
+    );
+    let local = Config::from_yaml(&dynamics).map_err(|e| e.to_string())?;
+    let Some(user_yaml) = user_yaml else {
+        return Ok(local);
+    };
+    let mut config = Config::from_yaml(user_yaml).map_err(|e| e.to_string())?;
+    config.dynamics = local.dynamics;
+    Ok(config)
+}
+
+async fn local_run(config_path: Option<String>) -> Result<(Emulator, Lifecycle), String> {
+    let emulator = Emulator::start(EmulatorOptions::default())
+        .await
+        .map_err(|e| format!("cannot start the embedded emulator: {e}"))?;
+    let user_yaml = config_path
+        .map(|path| std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}")))
+        .transpose()?;
+    let config = local_config(&emulator, user_yaml.as_deref())?;
+    let secret = Secret::new(emulator.options().client_secret.as_str());
+    let lifecycle =
+        shared::services::local_lifecycle(config, secret, "cli").map_err(|e| e.to_string())?;
+    Ok((emulator, lifecycle))
+}
+
+fn print_request(request: &LoggedRequest) {
+    println!(
+        "  {} {}  -> {}",
+        request.method, request.target, request.status
+    );
+    for name in ["If-Match", "If-None-Match", "Prefer", "Content-Type"] {
+        if let Some(value) = request.header(name) {
+            println!("    {name}: {value}");
+        }
+    }
+    if request.header("authorization").is_some() {
+        println!("    Authorization: Bearer <redacted>");
+    }
+    if !request.body.is_empty() {
+        let pretty = serde_json::from_str::<Value>(&request.body)
+            .and_then(|v| serde_json::to_string_pretty(&v))
+            .unwrap_or_else(|_| request.body.clone());
+        for line in pretty.lines() {
+            println!("    {line}");
+        }
+    }
+}
+
+async fn deliver(lifecycle: &Lifecycle, event: &samples::Event) -> Result<Value, String> {
+    let deadline = Instant::now() + Duration::from_secs(8);
+    let result = match event.kind {
+        samples::Kind::Flow | samples::Kind::Initiated => {
+            handlers::contact_created(lifecycle, event.payload.clone(), deadline).await
+        }
+        samples::Kind::Answered | samples::Kind::Ended => {
+            handlers::contact_event(lifecycle, event.payload.clone(), deadline).await
+        }
+        samples::Kind::Recording => {
+            handlers::recording_available(lifecycle, event.payload.clone(), deadline).await
+        }
+    };
+    result.map_err(|e| e.to_string())
+}
+
+fn report_dead_letters(lifecycle: &Lifecycle) -> Result<(), String> {
+    let letters = lifecycle.handoff.dead_letters();
+    if letters.is_empty() {
+        return Ok(());
+    }
+    for letter in &letters {
+        println!(
+            "  dead-lettered ({}): {}",
+            letter.step.as_deref().unwrap_or("event"),
+            letter.reason
+        );
+    }
+    Err(format!("{} event(s) could not be applied", letters.len()))
+}
+
+async fn preview(args: &[String]) -> Result<(), String> {
+    let step = args.first().ok_or(USAGE)?.as_str();
+    let (emulator, lifecycle) = local_run(option(args, "--config")?).await?;
+    let mut events = samples::contact();
+    let target = match step {
+        "created" => samples::Kind::Flow,
+        "answered" => samples::Kind::Answered,
+        "ended" => samples::Kind::Ended,
+        "recording" => samples::Kind::Recording,
+        other => {
+            return Err(format!(
+                "unknown step `{other}` (created, answered, ended or recording)"
+            ));
+        }
+    };
+    if let Some(path) = option(args, "--event")? {
+        let text = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+        let payload: Value =
+            serde_json::from_str(&text).map_err(|e| format!("{path}: not JSON: {e}"))?;
+        if let Some(event) = events.iter_mut().find(|e| e.kind == target) {
+            event.payload = payload;
+        }
+    }
+    // The steps before the previewed one run first, as they would in Amazon Connect.
+    let position = events.iter().position(|e| e.kind == target).unwrap_or(0);
+    for event in &events[..position] {
+        deliver(&lifecycle, event).await?;
+    }
+    emulator.clear_requests();
+    let answer = deliver(&lifecycle, &events[position]).await?;
+    println!("{step}: the requests this step sends to Dynamics\n");
+    for request in emulator.requests() {
+        print_request(&request);
+    }
+    if target == samples::Kind::Flow {
+        println!("\n  answer to the contact flow:");
+        println!(
+            "    {}",
+            serde_json::to_string_pretty(&answer)
+                .unwrap_or_default()
+                .replace('\n', "\n    ")
+        );
+    }
+    report_dead_letters(&lifecycle)
+}
+
+async fn simulate(args: &[String]) -> Result<(), String> {
+    let (emulator, lifecycle) = local_run(option(args, "--config")?).await?;
+    println!("Embedded Dataverse emulator: {}\n", emulator.org_url());
+    let events = samples::contact();
+    for event in &events {
+        emulator.clear_requests();
+        println!("== {} ==", event.title);
+        let answer = deliver(&lifecycle, event).await?;
+        for request in emulator.requests() {
+            print_request(&request);
+        }
+        if event.kind == samples::Kind::Flow {
+            println!("  answer to the contact flow: {answer}");
+        }
+        println!();
+    }
+    // Work handed off (none, unless Dynamics failed) runs as the retry queue would run it.
+    while let Some(message) = lifecycle.handoff.take_retry() {
+        println!("== retry: {} ==", message.reason);
+        let deadline = Instant::now() + Duration::from_secs(8);
+        lifecycle
+            .process(
+                message.contact_id,
+                message.facts,
+                message.attempt,
+                Some(message.first_seen),
+                deadline,
+                None,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    println!("== the Dynamics record ==");
+    for record in emulator.records(lifecycle.config.contact.entity_set.as_str()) {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&record).unwrap_or_default()
+        );
+    }
+    println!(
+        "\n{} events, {} token request(s)",
+        events.len(),
+        emulator.token_requests()
+    );
+    report_dead_letters(&lifecycle)
+}

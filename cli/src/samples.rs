@@ -1,0 +1,75 @@
+//! The sample events of one contact, shipped with the repository (`tests/fixtures`),
+//! retargeted to a fresh contact id so every run makes a new record.
+
+use serde_json::Value;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Flow,
+    Initiated,
+    Answered,
+    Ended,
+    Recording,
+}
+
+pub struct Event {
+    pub kind: Kind,
+    pub title: &'static str,
+    pub payload: Value,
+}
+
+const FIXTURE_CONTACTS: [&str; 2] = [
+    "aee46de9-1e0c-428c-aa82-afe11b6ad2c5",
+    "16d9dbc3-3863-4327-b67e-d0f31673139e",
+];
+
+fn retarget(text: &str, contact_id: &str) -> Value {
+    let mut text = text.to_owned();
+    for fixture in FIXTURE_CONTACTS {
+        text = text.replace(fixture, contact_id);
+    }
+    let text = text.replace(
+        "\"initiationMethod\": \"OUTBOUND\"",
+        "\"initiationMethod\": \"INBOUND\"",
+    );
+    serde_json::from_str(&text).unwrap_or(Value::Null)
+}
+
+/// A voice contact: flow invocation, INITIATED, answered, ended, call recording.
+pub fn contact() -> Vec<Event> {
+    let contact_id = uuid::Uuid::new_v4().to_string();
+    let event = |kind, title, text: &str| Event {
+        kind,
+        title,
+        payload: retarget(text, &contact_id),
+    };
+    vec![
+        event(
+            Kind::Flow,
+            "contact flow invokes contact-created",
+            include_str!("../../tests/fixtures/connect-flow-event.json"),
+        ),
+        event(
+            Kind::Initiated,
+            "INITIATED contact event",
+            include_str!("../../tests/fixtures/connect-contact-event-initiated.constructed.json"),
+        ),
+        event(
+            Kind::Answered,
+            "CONNECTED_TO_AGENT contact event",
+            include_str!("../../tests/fixtures/connect-contact-event-connected-to-agent.json"),
+        ),
+        event(
+            Kind::Ended,
+            "DISCONNECTED contact event",
+            include_str!("../../tests/fixtures/connect-contact-event-disconnected.json"),
+        ),
+        event(
+            Kind::Recording,
+            "call recording written to S3",
+            include_str!(
+                "../../tests/fixtures/s3-object-created-connect-recording.constructed.json"
+            ),
+        ),
+    ]
+}
