@@ -180,7 +180,7 @@ async fn in_order_lifecycle_builds_one_complete_record() {
     assert_eq!(record["statecode"], 1);
     assert_eq!(record["statuscode"], 4);
     let description = record["description"].as_str().unwrap();
-    assert!(description.contains("chat transcript"), "{description}");
+    assert!(description.contains("Chat transcript:"), "{description}");
     assert!(description.contains(&scenario.contact_id), "{description}");
     let notes = notes(&emulator);
     assert_eq!(notes.len(), 1);
@@ -370,7 +370,7 @@ async fn recording_before_the_end_is_kept_and_the_close_comes_last() {
         record["description"]
             .as_str()
             .unwrap()
-            .contains("chat transcript")
+            .contains("Chat transcript:")
     );
     assert_eq!(record["statecode"], 1);
     let last_patch = emulator
