@@ -60,6 +60,26 @@ struct Document {
     contact: ContactDocument,
     #[serde(default)]
     directory: DirectoryDocument,
+    #[serde(default)]
+    webhook: Option<WebhookConfig>,
+}
+
+/// How record-saved authenticates Dynamics: the WebHook key (`?code=`), a next key
+/// during rotation, and optionally one header carrying the same key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    pub key: SecretRef,
+    #[serde(default)]
+    pub next_key: Option<SecretRef>,
+    #[serde(default)]
+    pub header: Option<String>,
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+}
+
+fn default_max_body_bytes() -> usize {
+    1024 * 1024
 }
 
 #[derive(Deserialize)]
@@ -283,6 +303,9 @@ fn default_recording() -> StepDocument {
 struct DirectoryDocument {
     #[serde(default)]
     entities: Option<Vec<EntityMapping>>,
+    /// Records per change-tracking page in a sweep.
+    #[serde(default)]
+    sweep_page_size: Option<u32>,
 }
 
 fn default_directory() -> Vec<EntityMapping> {
@@ -308,6 +331,8 @@ pub struct Config {
     pub phones: PhoneNormalizer,
     pub contact: ContactConfig,
     pub directory: Vec<EntityMapping>,
+    pub sweep_page_size: u32,
+    pub webhook: Option<WebhookConfig>,
     pub templates: Templates,
 }
 
@@ -405,10 +430,24 @@ impl Config {
                 "must be at least 1",
             ));
         }
-        let directory = document
-            .directory
-            .entities
-            .unwrap_or_else(default_directory);
+        let sweep_page_size = document.directory.sweep_page_size.unwrap_or(1000);
+        if !(1..=5000).contains(&sweep_page_size) {
+            return Err(ConfigError::at("directory.sweep_page_size", "must be between 1 and 5000"));
+        }
+        if let Some(webhook) = &document.webhook {
+            validate_secret_ref("webhook.key", &webhook.key)?;
+            if let Some(next) = &webhook.next_key {
+                validate_secret_ref("webhook.next_key", next)?;
+            }
+            let header_ok = webhook
+                .header
+                .as_deref()
+                .is_none_or(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+            if !header_ok {
+                return Err(ConfigError::at("webhook.header", "must be an HTTP header name"));
+            }
+        }
+        let directory = document.directory.entities.unwrap_or_else(default_directory);
         validate_directory(&directory)?;
         Ok(Self {
             dynamics,
@@ -430,6 +469,8 @@ impl Config {
                 retry_window: Duration::from_secs(contact_document.retry_window_minutes * 60),
             },
             directory,
+            sweep_page_size,
+            webhook: document.webhook,
             templates,
         })
     }

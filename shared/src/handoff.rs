@@ -45,7 +45,7 @@ pub enum Handoff {
     },
     /// For the local simulation: the messages, in order.
     Memory {
-        retries: Mutex<VecDeque<(RetryMessage, Duration)>>,
+        retries: Mutex<VecDeque<(Value, Duration)>>,
         dead_letters: Mutex<Vec<DeadLetter>>,
     },
 }
@@ -84,10 +84,12 @@ impl Handoff {
                 Ok(())
             }
             Self::Memory { retries, .. } => {
+                let value = serde_json::to_value(message)
+                    .map_err(|e| StoreError::new("memory", e.to_string(), false))?;
                 retries
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .push_back((message.clone(), delay));
+                    .push_back((value, delay));
                 Ok(())
             }
         }
@@ -122,13 +124,12 @@ impl Handoff {
     }
 
     /// The next queued retry of the in-memory hand-off (the local simulation drains it).
-    pub fn take_retry(&self) -> Option<RetryMessage> {
+    pub fn take_retry<T: serde::de::DeserializeOwned>(&self) -> Option<T> {
         match self {
-            Self::Memory { retries, .. } => retries
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .pop_front()
-                .map(|(m, _)| m),
+            Self::Memory { retries, .. } => {
+                let (value, _) = retries.lock().unwrap_or_else(|p| p.into_inner()).pop_front()?;
+                serde_json::from_value(value).ok()
+            }
             Self::Sqs { .. } => None,
         }
     }

@@ -18,3 +18,4 @@ pub mod services;
 pub mod store_error;
 pub mod template;
 pub mod token_cache;
+pub mod webhook;
