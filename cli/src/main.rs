@@ -226,7 +226,10 @@ async fn simulate(args: &[String]) -> Result<(), String> {
         println!();
     }
     // Work handed off (none, unless Dynamics failed) runs as the retry queue would run it.
-    while let Some(message) = lifecycle.handoff.take_retry::<shared::handoff::RetryMessage>() {
+    while let Some(message) = lifecycle
+        .handoff
+        .take_retry::<shared::handoff::RetryMessage>()
+    {
         println!("== retry: {} ==", message.reason);
         let deadline = Instant::now() + Duration::from_secs(8);
         lifecycle

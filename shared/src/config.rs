@@ -432,22 +432,30 @@ impl Config {
         }
         let sweep_page_size = document.directory.sweep_page_size.unwrap_or(1000);
         if !(1..=5000).contains(&sweep_page_size) {
-            return Err(ConfigError::at("directory.sweep_page_size", "must be between 1 and 5000"));
+            return Err(ConfigError::at(
+                "directory.sweep_page_size",
+                "must be between 1 and 5000",
+            ));
         }
         if let Some(webhook) = &document.webhook {
             validate_secret_ref("webhook.key", &webhook.key)?;
             if let Some(next) = &webhook.next_key {
                 validate_secret_ref("webhook.next_key", next)?;
             }
-            let header_ok = webhook
-                .header
-                .as_deref()
-                .is_none_or(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+            let header_ok = webhook.header.as_deref().is_none_or(|h| {
+                !h.is_empty() && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            });
             if !header_ok {
-                return Err(ConfigError::at("webhook.header", "must be an HTTP header name"));
+                return Err(ConfigError::at(
+                    "webhook.header",
+                    "must be an HTTP header name",
+                ));
             }
         }
-        let directory = document.directory.entities.unwrap_or_else(default_directory);
+        let directory = document
+            .directory
+            .entities
+            .unwrap_or_else(default_directory);
         validate_directory(&directory)?;
         Ok(Self {
             dynamics,

@@ -9,7 +9,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
 
-use aws_sdk_dynamodb::types::{AttributeValue, DeleteRequest, KeysAndAttributes, PutRequest, WriteRequest};
+use aws_sdk_dynamodb::types::{
+    AttributeValue, DeleteRequest, KeysAndAttributes, PutRequest, WriteRequest,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
@@ -64,7 +66,10 @@ pub fn best_match(mut matches: Vec<Customer>) -> Option<Customer> {
 }
 
 pub enum CallerDirectory {
-    DynamoDb { client: aws_sdk_dynamodb::Client, table: String },
+    DynamoDb {
+        client: aws_sdk_dynamodb::Client,
+        table: String,
+    },
     /// For the local simulation: entries by (entity, id), with their phones and sweep stamp.
     Memory(Mutex<BTreeMap<(String, Uuid), MemoryEntry>>),
 }
@@ -182,14 +187,20 @@ type Item = HashMap<String, AttributeValue>;
 
 fn entry_key(entity: &str, id: Uuid) -> Item {
     HashMap::from([
-        ("pk".to_owned(), AttributeValue::S(format!("record#{entity}#{id}"))),
+        (
+            "pk".to_owned(),
+            AttributeValue::S(format!("record#{entity}#{id}")),
+        ),
         ("sk".to_owned(), AttributeValue::S("entry".to_owned())),
     ])
 }
 
 fn phone_key(number: &str, entity: &str, id: Uuid) -> Item {
     HashMap::from([
-        ("pk".to_owned(), AttributeValue::S(format!("phone#{number}"))),
+        (
+            "pk".to_owned(),
+            AttributeValue::S(format!("phone#{number}")),
+        ),
         ("sk".to_owned(), AttributeValue::S(format!("{entity}#{id}"))),
     ])
 }
@@ -209,11 +220,23 @@ fn customer_of(entry: &DirectoryEntry, mapping: &EntityMapping) -> Customer {
 /// What both kinds of item carry: the lookup's answer.
 fn customer_attributes(customer: &Customer) -> Item {
     let mut item = HashMap::from([
-        ("entity".to_owned(), AttributeValue::S(customer.entity.clone())),
-        ("entity_set".to_owned(), AttributeValue::S(customer.entity_set.clone())),
+        (
+            "entity".to_owned(),
+            AttributeValue::S(customer.entity.clone()),
+        ),
+        (
+            "entity_set".to_owned(),
+            AttributeValue::S(customer.entity_set.clone()),
+        ),
         ("id".to_owned(), AttributeValue::S(customer.id.to_string())),
-        ("modified_on".to_owned(), AttributeValue::S(customer.modified_on.clone())),
-        ("priority".to_owned(), AttributeValue::N(customer.priority.to_string())),
+        (
+            "modified_on".to_owned(),
+            AttributeValue::S(customer.modified_on.clone()),
+        ),
+        (
+            "priority".to_owned(),
+            AttributeValue::N(customer.priority.to_string()),
+        ),
         (
             "fields".to_owned(),
             AttributeValue::S(serde_json::to_string(&customer.fields).unwrap_or_default()),
@@ -230,7 +253,14 @@ fn entry_item(entry: &DirectoryEntry, customer: &Customer, stamp: u64) -> Item {
     item.extend(entry_key(&entry.entity, entry.id));
     item.insert(
         "phones".to_owned(),
-        AttributeValue::L(entry.phones.iter().cloned().map(AttributeValue::S).collect()),
+        AttributeValue::L(
+            entry
+                .phones
+                .iter()
+                .cloned()
+                .map(AttributeValue::S)
+                .collect(),
+        ),
     );
     item.insert("stamp".to_owned(), AttributeValue::N(stamp.to_string()));
     item
@@ -255,7 +285,11 @@ fn phone_writes(customer: &Customer, new: &[String], old: &[String]) -> Vec<Writ
     }
     let kept: BTreeSet<&String> = new.iter().collect();
     for number in old.iter().filter(|n| !kept.contains(n)) {
-        writes.push(delete_request(phone_key(number, &customer.entity, customer.id)));
+        writes.push(delete_request(phone_key(
+            number,
+            &customer.entity,
+            customer.id,
+        )));
     }
     writes
 }
@@ -271,7 +305,11 @@ fn delete_request(key: Item) -> WriteRequest {
 impl CallerDirectory {
     /// Writes one entry, unless a newer version (by modified-on) is stored: an older
     /// webhook never overwrites a newer one, so replays and reordering converge.
-    pub async fn put(&self, entry: &DirectoryEntry, mapping: &EntityMapping) -> Result<WriteOutcome, StoreError> {
+    pub async fn put(
+        &self,
+        entry: &DirectoryEntry,
+        mapping: &EntityMapping,
+    ) -> Result<WriteOutcome, StoreError> {
         let customer = customer_of(entry, mapping);
         match self {
             Self::DynamoDb { client, table } => {
@@ -280,12 +318,19 @@ impl CallerDirectory {
                     .table_name(table)
                     .set_item(Some(entry_item(entry, &customer, 0)))
                     .condition_expression("attribute_not_exists(pk) OR modified_on <= :modified")
-                    .expression_attribute_values(":modified", AttributeValue::S(entry.modified_on.clone()))
+                    .expression_attribute_values(
+                        ":modified",
+                        AttributeValue::S(entry.modified_on.clone()),
+                    )
                     .return_values(aws_sdk_dynamodb::types::ReturnValue::AllOld)
                     .send()
                     .await;
                 let old = match result {
-                    Ok(output) => output.attributes.as_ref().map(phones_of).unwrap_or_default(),
+                    Ok(output) => output
+                        .attributes
+                        .as_ref()
+                        .map(phones_of)
+                        .unwrap_or_default(),
                     Err(error) if is_condition_failure(&error) => return Ok(WriteOutcome::Stale),
                     Err(error) => return Err(StoreError::from_sdk("DynamoDB", error)),
                 };
@@ -295,7 +340,10 @@ impl CallerDirectory {
             Self::Memory(entries) => {
                 let mut entries = entries.lock().unwrap_or_else(|p| p.into_inner());
                 let key = (entry.entity.clone(), entry.id);
-                if entries.get(&key).is_some_and(|(stored, _, _)| stored.modified_on > entry.modified_on) {
+                if entries
+                    .get(&key)
+                    .is_some_and(|(stored, _, _)| stored.modified_on > entry.modified_on)
+                {
                     return Ok(WriteOutcome::Stale);
                 }
                 entries.insert(key, (customer, entry.phones.clone(), 0));
@@ -319,26 +367,42 @@ impl CallerDirectory {
                 let Some(old) = output.attributes else {
                     return Ok(WriteOutcome::Absent);
                 };
-                let deletes = phones_of(&old).iter().map(|n| delete_request(phone_key(n, entity, id))).collect();
+                let deletes = phones_of(&old)
+                    .iter()
+                    .map(|n| delete_request(phone_key(n, entity, id)))
+                    .collect();
                 batch_write(client, table, deletes).await?;
                 Ok(WriteOutcome::Deleted)
             }
             Self::Memory(entries) => {
-                let removed = entries.lock().unwrap_or_else(|p| p.into_inner()).remove(&(entity.to_owned(), id));
-                Ok(if removed.is_some() { WriteOutcome::Deleted } else { WriteOutcome::Absent })
+                let removed = entries
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&(entity.to_owned(), id));
+                Ok(if removed.is_some() {
+                    WriteOutcome::Deleted
+                } else {
+                    WriteOutcome::Absent
+                })
             }
         }
     }
 
     /// Writes a page of entries from a sweep in batches, stamped with the sweep's
     /// pass so a full reconciliation can find what it did not see.
-    pub async fn put_page(&self, entries: &[DirectoryEntry], mapping: &EntityMapping, stamp: u64) -> Result<(), StoreError> {
+    pub async fn put_page(
+        &self,
+        entries: &[DirectoryEntry],
+        mapping: &EntityMapping,
+        stamp: u64,
+    ) -> Result<(), StoreError> {
         match self {
             Self::DynamoDb { client, table } => {
                 // The stored numbers, to drop phone items of numbers a record no longer has.
                 let mut old: HashMap<Uuid, Vec<String>> = HashMap::new();
                 for chunk in entries.chunks(100) {
-                    let keys: Vec<Item> = chunk.iter().map(|e| entry_key(&e.entity, e.id)).collect();
+                    let keys: Vec<Item> =
+                        chunk.iter().map(|e| entry_key(&e.entity, e.id)).collect();
                     let mut request = KeysAndAttributes::builder()
                         .set_keys(Some(keys))
                         .projection_expression("id, phones")
@@ -352,8 +416,17 @@ impl CallerDirectory {
                             .send()
                             .await
                             .map_err(|e| StoreError::from_sdk("DynamoDB", e))?;
-                        for item in output.responses.unwrap_or_default().remove(table).unwrap_or_default() {
-                            if let Some(id) = item.get("id").and_then(|v| v.as_s().ok()).and_then(|s| Uuid::try_parse(s).ok()) {
+                        for item in output
+                            .responses
+                            .unwrap_or_default()
+                            .remove(table)
+                            .unwrap_or_default()
+                        {
+                            if let Some(id) = item
+                                .get("id")
+                                .and_then(|v| v.as_s().ok())
+                                .and_then(|s| Uuid::try_parse(s).ok())
+                            {
                                 old.insert(id, phones_of(&item));
                             }
                         }
@@ -366,17 +439,27 @@ impl CallerDirectory {
                 let mut writes = Vec::with_capacity(entries.len() * 2);
                 for entry in entries {
                     let customer = customer_of(entry, mapping);
-                    if let Ok(put) = PutRequest::builder().set_item(Some(entry_item(entry, &customer, stamp))).build() {
+                    if let Ok(put) = PutRequest::builder()
+                        .set_item(Some(entry_item(entry, &customer, stamp)))
+                        .build()
+                    {
                         writes.push(WriteRequest::builder().put_request(put).build());
                     }
-                    writes.extend(phone_writes(&customer, &entry.phones, old.get(&entry.id).map(Vec::as_slice).unwrap_or_default()));
+                    writes.extend(phone_writes(
+                        &customer,
+                        &entry.phones,
+                        old.get(&entry.id).map(Vec::as_slice).unwrap_or_default(),
+                    ));
                 }
                 batch_write(client, table, writes).await
             }
             Self::Memory(stored) => {
                 let mut stored = stored.lock().unwrap_or_else(|p| p.into_inner());
                 for entry in entries {
-                    stored.insert((entry.entity.clone(), entry.id), (customer_of(entry, mapping), entry.phones.clone(), stamp));
+                    stored.insert(
+                        (entry.entity.clone(), entry.id),
+                        (customer_of(entry, mapping), entry.phones.clone(), stamp),
+                    );
                 }
                 Ok(())
             }
@@ -406,11 +489,19 @@ impl CallerDirectory {
                         .map_err(|e| StoreError::from_sdk("DynamoDB", e))?;
                     let mut deletes = Vec::new();
                     for item in output.items() {
-                        let Some(id) = item.get("id").and_then(|v| v.as_s().ok()).and_then(|s| Uuid::try_parse(s).ok()) else {
+                        let Some(id) = item
+                            .get("id")
+                            .and_then(|v| v.as_s().ok())
+                            .and_then(|s| Uuid::try_parse(s).ok())
+                        else {
                             continue;
                         };
                         deletes.push(delete_request(entry_key(entity, id)));
-                        deletes.extend(phones_of(item).iter().map(|n| delete_request(phone_key(n, entity, id))));
+                        deletes.extend(
+                            phones_of(item)
+                                .iter()
+                                .map(|n| delete_request(phone_key(n, entity, id))),
+                        );
                         removed += 1;
                     }
                     batch_write(client, table, deletes).await?;
@@ -431,7 +522,11 @@ impl CallerDirectory {
 }
 
 /// BatchWriteItem in chunks of 25, retrying unprocessed items with backoff.
-async fn batch_write(client: &aws_sdk_dynamodb::Client, table: &str, writes: Vec<WriteRequest>) -> Result<(), StoreError> {
+async fn batch_write(
+    client: &aws_sdk_dynamodb::Client,
+    table: &str,
+    writes: Vec<WriteRequest>,
+) -> Result<(), StoreError> {
     for chunk in writes.chunks(25) {
         let mut pending = HashMap::from([(table.to_owned(), chunk.to_vec())]);
         let mut attempt = 0u32;
@@ -442,14 +537,23 @@ async fn batch_write(client: &aws_sdk_dynamodb::Client, table: &str, writes: Vec
                 .send()
                 .await
                 .map_err(|e| StoreError::from_sdk("DynamoDB", e))?;
-            match output.unprocessed_items.filter(|u| u.values().any(|w| !w.is_empty())) {
+            match output
+                .unprocessed_items
+                .filter(|u| u.values().any(|w| !w.is_empty()))
+            {
                 None => break,
                 Some(unprocessed) if attempt < 8 => {
                     attempt += 1;
                     tokio::time::sleep(std::time::Duration::from_millis(50 << attempt)).await;
                     pending = unprocessed;
                 }
-                Some(_) => return Err(StoreError::new("DynamoDB", "batch write left unprocessed items after 8 retries", true)),
+                Some(_) => {
+                    return Err(StoreError::new(
+                        "DynamoDB",
+                        "batch write left unprocessed items after 8 retries",
+                        true,
+                    ));
+                }
             }
         }
     }

@@ -7,10 +7,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use aws_lambda_events::event::eventbridge::EventBridgeEvent;
 use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent};
-use serde_json::Value;
+use serde_json::{Value, json};
 use time::OffsetDateTime;
 
 use crate::connect::{ContactEventDetail, FlowEvent, ObjectCreatedDetail};
+use crate::directory_sync::{DirectoryRetry, DirectorySync, WebhookRequest};
 use crate::handoff::{DeadLetter, RetryMessage};
 use crate::lifecycle::{HandoffFailed, Lifecycle, Outcome, Report};
 use crate::observe;
@@ -23,6 +24,9 @@ pub enum HandlerError {
     /// The work could not be stored or handed off: deliver the event again.
     #[error(transparent)]
     Retry(#[from] HandoffFailed),
+    /// The work stopped part way (Dynamics or AWS unavailable); the next run continues.
+    #[error("{0}")]
+    Unfinished(String),
 }
 
 /// Time the function keeps back after its Dynamics work to store state and hand off.
@@ -318,4 +322,126 @@ pub async fn retries(
     let mut response = SqsBatchResponse::default();
     response.batch_item_failures = failures;
     Ok(serde_json::to_value(response).unwrap_or_default())
+}
+
+/// record-saved: the Dynamics webhook through a Lambda function URL, and its retry queue.
+pub async fn record_saved(
+    sync: &DirectorySync,
+    event: Value,
+    lambda_deadline: Instant,
+) -> Result<Value, HandlerError> {
+    if event.get("Records").is_some() {
+        return directory_retries(sync, event, lambda_deadline).await;
+    }
+    let header_name = sync
+        .config
+        .webhook
+        .as_ref()
+        .and_then(|w| w.header.as_deref())
+        .map(str::to_ascii_lowercase);
+    let text = |value: Option<&Value>| value.and_then(Value::as_str).map(str::to_owned);
+    let headers = event.get("headers");
+    let body = text(event.get("body")).unwrap_or_default();
+    let body = if event.get("isBase64Encoded").and_then(Value::as_bool) == Some(true) {
+        use base64::Engine as _;
+        match base64::engine::general_purpose::STANDARD.decode(body.as_bytes()) {
+            Ok(bytes) => bytes,
+            Err(_) => {
+                return Ok(url_response(
+                    400,
+                    &json!({"error": "body is not valid base64"}),
+                ));
+            }
+        }
+    } else {
+        body.into_bytes()
+    };
+    let request = WebhookRequest {
+        code: text(
+            event
+                .get("queryStringParameters")
+                .and_then(|q| q.get("code")),
+        ),
+        header: header_name.and_then(|name| text(headers.and_then(|h| h.get(&name)))),
+        body,
+    };
+    let answer = sync
+        .record_saved(request, work_deadline(lambda_deadline))
+        .await;
+    Ok(url_response(answer.status, &answer.body))
+}
+
+/// A function URL answer: status, JSON body.
+fn url_response(status: u16, body: &Value) -> Value {
+    json!({
+        "statusCode": status,
+        "headers": {"content-type": "application/json"},
+        "body": body.to_string(),
+        "isBase64Encoded": false,
+    })
+}
+
+async fn directory_retries(
+    sync: &DirectorySync,
+    event: Value,
+    lambda_deadline: Instant,
+) -> Result<Value, HandlerError> {
+    let batch: SqsEvent = serde_json::from_value(event)
+        .map_err(|e| HandlerError::Malformed(format!("not an SQS event: {e}")))?;
+    let mut failures = Vec::new();
+    for record in batch.records {
+        let id = record.message_id.clone().unwrap_or_default();
+        let Ok(message) =
+            serde_json::from_str::<DirectoryRetry>(record.body.as_deref().unwrap_or_default())
+        else {
+            tracing::error!(
+                message_id = id,
+                "directory retry message is not valid; dropped"
+            );
+            continue;
+        };
+        if let Err(error) = sync.retry(message, work_deadline(lambda_deadline)).await {
+            tracing::warn!(%error, message_id = id, "directory retry handed back to the queue");
+            let mut failure = BatchItemFailure::default();
+            failure.item_identifier = id;
+            failures.push(failure);
+        }
+    }
+    let mut response = SqsBatchResponse::default();
+    response.batch_item_failures = failures;
+    Ok(serde_json::to_value(response).unwrap_or_default())
+}
+
+/// sync-sweep: the schedule. Every mapped entity, as far as the time allows; the
+/// next run continues from the checkpoints.
+pub async fn sync_sweep(
+    sync: &DirectorySync,
+    _event: Value,
+    lambda_deadline: Instant,
+) -> Result<Value, HandlerError> {
+    let started = Instant::now();
+    match sync.sweep(lambda_deadline).await {
+        Ok(reports) => {
+            for report in &reports {
+                tracing::info!(
+                    function = sync.function,
+                    entity = report.entity,
+                    pages = report.pages,
+                    upserted = report.upserted,
+                    deleted = report.deleted,
+                    removed_unseen = report.removed_unseen,
+                    refused = report.refused,
+                    full_reconciliation = report.full_reconciliation,
+                    finished = report.finished,
+                    latency_ms = started.elapsed().as_millis() as u64,
+                    "sweep"
+                );
+            }
+            Ok(serde_json::to_value(reports).unwrap_or_default())
+        }
+        Err(error) => {
+            tracing::error!(%error, "sweep stopped; the next run continues from the checkpoint");
+            Err(HandlerError::Unfinished(format!("sweep stopped: {error}")))
+        }
+    }
 }

@@ -59,9 +59,9 @@ impl Handoff {
     }
 
     /// Queues a contact for another attempt after `delay` (at most 15 minutes, SQS's limit).
-    pub async fn retry_later(
+    pub async fn retry_later<T: Serialize>(
         &self,
-        message: &RetryMessage,
+        message: &T,
         delay: Duration,
     ) -> Result<(), StoreError> {
         let delay = delay.min(Duration::from_secs(900));
@@ -127,7 +127,10 @@ impl Handoff {
     pub fn take_retry<T: serde::de::DeserializeOwned>(&self) -> Option<T> {
         match self {
             Self::Memory { retries, .. } => {
-                let (value, _) = retries.lock().unwrap_or_else(|p| p.into_inner()).pop_front()?;
+                let (value, _) = retries
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .pop_front()?;
                 serde_json::from_value(value).ok()
             }
             Self::Sqs { .. } => None,

@@ -6,6 +6,7 @@ pub mod connect;
 pub mod contact_state;
 pub mod dataverse;
 pub mod directory;
+pub mod directory_sync;
 pub mod handlers;
 pub mod handoff;
 pub mod lifecycle;

@@ -13,7 +13,8 @@ use crate::contact_state::ContactStateStore;
 use crate::dataverse::DataverseClient;
 use crate::dataverse::retry::RetryPolicy;
 use crate::directory::CallerDirectory;
-use crate::handlers::deadline_from;
+use crate::directory_sync::{CheckpointStore, DirectorySync};
+use crate::handlers::{HandlerError, deadline_from};
 use crate::handoff::Handoff;
 use crate::lifecycle::Lifecycle;
 use crate::token_cache::{TokenCache, TokenStore};
@@ -29,10 +30,80 @@ fn required(name: &str) -> Result<String, StartupError> {
         .ok_or_else(|| StartupError(format!("environment variable {name} is not set")))
 }
 
-/// Everything a deployed function needs, from its environment:
+/// Everything a lifecycle function needs, from its environment:
 /// `CONNECT_DYNAMICS_CONFIG`, `TOKEN_CACHE_TABLE`, `CONTACT_STATE_TABLE`,
 /// `DIRECTORY_TABLE`, `RETRY_QUEUE_URL`, `DEAD_LETTER_QUEUE_URL`.
 pub async fn lifecycle_from_env(function: &'static str) -> Result<Lifecycle, StartupError> {
+    let common = common().await?;
+    Ok(Lifecycle {
+        dataverse: common.dataverse,
+        state: ContactStateStore::dynamodb(
+            common.dynamodb.clone(),
+            required("CONTACT_STATE_TABLE")?,
+        ),
+        directory: CallerDirectory::dynamodb(common.dynamodb, required("DIRECTORY_TABLE")?),
+        handoff: handoff(&common.aws)?,
+        s3: Some(common.s3),
+        config: Arc::new(common.config),
+        function,
+        retry_base_delay: crate::lifecycle::RETRY_BASE_DELAY,
+    })
+}
+
+/// Runs a function on the Lambda runtime: logging set up, its services built
+/// once per container by `build`, each event handed to `handler` with its deadline.
+pub async fn run<S, B, BFut, F, Fut>(
+    function: &'static str,
+    build: B,
+    handler: F,
+) -> Result<(), lambda_runtime::Error>
+where
+    S: Send + Sync + 'static,
+    B: FnOnce(&'static str) -> BFut,
+    BFut: Future<Output = Result<S, StartupError>>,
+    F: Fn(&'static S, Value, Instant) -> Fut,
+    Fut: Future<Output = Result<Value, HandlerError>>,
+{
+    crate::observe::init_logging();
+    let services: &'static S = match build(function).await {
+        // Lives as long as the container.
+        Ok(services) => Box::leak(Box::new(services)),
+        Err(error) => {
+            tracing::error!(%error, "startup failed");
+            return Err(error.into());
+        }
+    };
+    let handler = &handler;
+    lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| async move {
+        handler(
+            services,
+            event.payload,
+            deadline_from(event.context.deadline()),
+        )
+        .await
+        .map_err(|error| lambda_runtime::Diagnostic {
+            error_type: match error {
+                HandlerError::Malformed(_) => "MalformedEvent".into(),
+                HandlerError::Retry(_) => "HandoffFailed".into(),
+                HandlerError::Unfinished(_) => "Unfinished".into(),
+            },
+            error_message: error.to_string(),
+        })
+    }))
+    .await
+}
+
+/// Clients shared by every function: AWS config, S3 for the config document, the
+/// Dataverse client with its DynamoDB token cache.
+struct Common {
+    aws: aws_config::SdkConfig,
+    dynamodb: aws_sdk_dynamodb::Client,
+    s3: aws_sdk_s3::Client,
+    config: Config,
+    dataverse: DataverseClient,
+}
+
+async fn common() -> Result<Common, StartupError> {
     let aws = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
     let s3 = aws_sdk_s3::Client::new(&aws);
     let dynamodb = aws_sdk_dynamodb::Client::new(&aws);
@@ -65,54 +136,43 @@ pub async fn lifecycle_from_env(function: &'static str) -> Result<Lifecycle, Sta
         retry,
         dynamics.request_timeout,
     );
-    Ok(Lifecycle {
+    Ok(Common {
+        aws,
+        dynamodb,
+        s3,
+        config,
         dataverse,
-        state: ContactStateStore::dynamodb(dynamodb.clone(), required("CONTACT_STATE_TABLE")?),
-        directory: CallerDirectory::dynamodb(dynamodb, required("DIRECTORY_TABLE")?),
-        handoff: Handoff::Sqs {
-            client: aws_sdk_sqs::Client::new(&aws),
-            retry_queue_url: required("RETRY_QUEUE_URL")?,
-            dead_letter_queue_url: required("DEAD_LETTER_QUEUE_URL")?,
-        },
-        s3: Some(s3),
-        config: Arc::new(config),
-        function,
-        retry_base_delay: crate::lifecycle::RETRY_BASE_DELAY,
     })
 }
 
-/// Runs a lifecycle handler on the Lambda runtime: logging set up, clients built
-/// once, each event handed to `handler` with its deadline.
-pub async fn run<F, Fut>(function: &'static str, handler: F) -> Result<(), lambda_runtime::Error>
-where
-    F: Fn(&'static Lifecycle, Value, Instant) -> Fut,
-    Fut: Future<Output = Result<Value, crate::handlers::HandlerError>>,
-{
-    crate::observe::init_logging();
-    let lifecycle: &'static Lifecycle = match lifecycle_from_env(function).await {
-        Ok(lifecycle) => Box::leak(Box::new(lifecycle)),
-        Err(error) => {
-            tracing::error!(%error, "startup failed");
-            return Err(error.into());
-        }
-    };
-    let handler = &handler;
-    lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| async move {
-        handler(
-            lifecycle,
-            event.payload,
-            deadline_from(event.context.deadline()),
-        )
-        .await
-        .map_err(|error| lambda_runtime::Diagnostic {
-            error_type: match error {
-                crate::handlers::HandlerError::Malformed(_) => "MalformedEvent".into(),
-                crate::handlers::HandlerError::Retry(_) => "HandoffFailed".into(),
-            },
-            error_message: error.to_string(),
-        })
-    }))
-    .await
+fn handoff(aws: &aws_config::SdkConfig) -> Result<Handoff, StartupError> {
+    Ok(Handoff::Sqs {
+        client: aws_sdk_sqs::Client::new(aws),
+        retry_queue_url: required("RETRY_QUEUE_URL")?,
+        dead_letter_queue_url: required("DEAD_LETTER_QUEUE_URL")?,
+    })
+}
+
+/// record-saved and sync-sweep, from their environment: as for the lifecycle, plus
+/// `CHECKPOINT_TABLE` (sync-sweep).
+pub async fn directory_sync_from_env(
+    function: &'static str,
+) -> Result<DirectorySync, StartupError> {
+    let common = common().await?;
+    let checkpoint_table = std::env::var("CHECKPOINT_TABLE").unwrap_or_default();
+    Ok(DirectorySync {
+        dataverse: common.dataverse,
+        directory: CallerDirectory::dynamodb(common.dynamodb.clone(), required("DIRECTORY_TABLE")?),
+        handoff: handoff(&common.aws)?,
+        checkpoints: CheckpointStore::DynamoDb {
+            client: common.dynamodb,
+            table: checkpoint_table,
+        },
+        secrets: Some(aws_sdk_secretsmanager::Client::new(&common.aws)),
+        keys: tokio::sync::OnceCell::new(),
+        config: Arc::new(common.config),
+        function,
+    })
 }
 
 /// A lifecycle for local runs (the CLI's `simulate` and `preview`): the given

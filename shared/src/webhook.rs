@@ -85,7 +85,11 @@ struct LightForm {
 
 /// Collections are `[{"key":…,"value":…}]`; on a repeated key the last wins.
 fn lookup<'a>(collection: Option<&'a [KeyValue]>, key: &str) -> Option<&'a Value> {
-    collection?.iter().rev().find(|kv| kv.key == key).map(|kv| &kv.value)
+    collection?
+        .iter()
+        .rev()
+        .find(|kv| kv.key == key)
+        .map(|kv| &kv.value)
 }
 
 /// A GUID from a JSON value: `None` when absent or all zeros, an error when malformed.
@@ -93,7 +97,12 @@ fn guid(value: Option<&Value>, what: &str) -> Result<Option<Uuid>, Refusal> {
     match value {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(text)) => {
-            let id = parse_guid(text).map_err(|_| bad(format!("{what} `{}` is not a GUID", text.chars().take(64).collect::<String>())))?;
+            let id = parse_guid(text).map_err(|_| {
+                bad(format!(
+                    "{what} `{}` is not a GUID",
+                    text.chars().take(64).collect::<String>()
+                ))
+            })?;
             Ok((!id.is_nil()).then_some(id))
         }
         Some(other) => Err(bad(format!("{what} must be a GUID string, not {other}"))),
@@ -105,7 +114,8 @@ pub fn parse(body: &[u8]) -> Result<Notification, Refusal> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(bad("empty body"));
     }
-    let value: Value = serde_json::from_slice(body).map_err(|e| bad(format!("body is not JSON: {e}")))?;
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| bad(format!("body is not JSON: {e}")))?;
     if !value.is_object() {
         return Err(bad("body must be a JSON object"));
     }
@@ -117,24 +127,34 @@ pub fn parse(body: &[u8]) -> Result<Notification, Refusal> {
 }
 
 fn webhook(value: Value) -> Result<Notification, Refusal> {
-    let context: RemoteExecutionContext = serde_json::from_value(value).map_err(|e| bad(format!("not a RemoteExecutionContext: {e}")))?;
+    let context: RemoteExecutionContext = serde_json::from_value(value)
+        .map_err(|e| bad(format!("not a RemoteExecutionContext: {e}")))?;
     let message = match context.message_name.as_str() {
         "Create" => Message::Create,
         "Update" => Message::Update,
         "Delete" => Message::Delete,
-        other => return Err(bad(format!("message `{other}` is not handled (Create, Update, Delete)"))),
+        other => {
+            return Err(bad(format!(
+                "message `{other}` is not handled (Create, Update, Delete)"
+            )));
+        }
     };
     let target = lookup(context.input_parameters.as_deref(), "Target");
     // PrimaryEntityId first; Create may also name the id in OutputParameters, and
     // Target carries it unless the payload was truncated over 256 KB.
     let id = match guid(context.primary_entity_id.as_ref(), "PrimaryEntityId")? {
         Some(id) => Some(id),
-        None => match guid(lookup(context.output_parameters.as_deref(), "id"), "OutputParameters.id")? {
+        None => match guid(
+            lookup(context.output_parameters.as_deref(), "id"),
+            "OutputParameters.id",
+        )? {
             Some(id) => Some(id),
             None => guid(target.and_then(|t| t.get("Id")), "Target.Id")?,
         },
     };
-    let id = id.ok_or_else(|| bad("no record id: PrimaryEntityId, OutputParameters.id and Target.Id are all missing"))?;
+    let id = id.ok_or_else(|| {
+        bad("no record id: PrimaryEntityId, OutputParameters.id and Target.Id are all missing")
+    })?;
     let user_id = context.user_id.as_deref().and_then(|u| parse_guid(u).ok());
     Ok(Notification {
         message,
@@ -146,8 +166,17 @@ fn webhook(value: Value) -> Result<Notification, Refusal> {
 }
 
 fn light_form(value: Value) -> Result<Notification, Refusal> {
-    let form: LightForm = serde_json::from_value(value).map_err(|e| bad(format!("expected a RemoteExecutionContext or {{\"entity\", \"ids\"}}: {e}")))?;
-    let values: Vec<Value> = form.ids.unwrap_or_default().into_iter().chain(form.id).collect();
+    let form: LightForm = serde_json::from_value(value).map_err(|e| {
+        bad(format!(
+            "expected a RemoteExecutionContext or {{\"entity\", \"ids\"}}: {e}"
+        ))
+    })?;
+    let values: Vec<Value> = form
+        .ids
+        .unwrap_or_default()
+        .into_iter()
+        .chain(form.id)
+        .collect();
     if values.is_empty() || values.len() > 100 {
         return Err(bad("`ids` must hold 1 to 100 record ids"));
     }
@@ -171,7 +200,11 @@ pub struct WebhookKeys(Vec<[u8; 32]>);
 
 impl WebhookKeys {
     pub fn new(keys: &[Secret]) -> Self {
-        Self(keys.iter().map(|k| Sha256::digest(k.expose().as_bytes()).into()).collect())
+        Self(
+            keys.iter()
+                .map(|k| Sha256::digest(k.expose().as_bytes()).into())
+                .collect(),
+        )
     }
 
     pub fn accepts(&self, presented: &str) -> bool {
@@ -180,7 +213,9 @@ impl WebhookKeys {
         }
         let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
         // Check every key, always, so timing does not tell which one matched.
-        self.0.iter().fold(false, |found, key| found | bool::from(key.ct_eq(&digest)))
+        self.0
+            .iter()
+            .fold(false, |found, key| found | bool::from(key.ct_eq(&digest)))
     }
 }
 
@@ -204,7 +239,8 @@ pub fn parse_wcf_date(text: &str) -> Option<OffsetDateTime> {
         Some(at) => inner.split_at(at),
         None => (inner, ""),
     };
-    if !offset.is_empty() && !(offset.len() == 5 && offset[1..].bytes().all(|b| b.is_ascii_digit())) {
+    if !offset.is_empty() && !(offset.len() == 5 && offset[1..].bytes().all(|b| b.is_ascii_digit()))
+    {
         return None;
     }
     let millis: i64 = millis.parse().ok()?;
@@ -217,14 +253,24 @@ mod tests {
     use proptest::prelude::*;
 
     fn fixture(name: &str) -> Vec<u8> {
-        std::fs::read(format!("{}/../tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+        std::fs::read(format!(
+            "{}/../tests/fixtures/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap()
     }
 
     #[test]
     fn the_three_samples() {
         let update = parse(&fixture("dynamics-webhook-update.json")).unwrap();
-        assert_eq!((update.message, update.entity.as_str()), (Message::Update, "contact"));
-        assert_eq!(update.ids[0].to_string(), "374cca32-b347-4e5a-8fa6-11098c82c9a5");
+        assert_eq!(
+            (update.message, update.entity.as_str()),
+            (Message::Update, "contact")
+        );
+        assert_eq!(
+            update.ids[0].to_string(),
+            "374cca32-b347-4e5a-8fa6-11098c82c9a5"
+        );
         let create = parse(&fixture("dynamics-webhook-create.constructed.json")).unwrap();
         assert_eq!(create.message, Message::Create);
         let delete = parse(&fixture("dynamics-webhook-delete.constructed.json")).unwrap();
@@ -238,7 +284,10 @@ mod tests {
             "PrimaryEntityId": "00000000-0000-0000-0000-000000000000",
             "OutputParameters": [{"key": "id", "value": "f21bd6bb-c4c1-480a-96a2-f634bc21eb22"}]
         });
-        assert_eq!(parse(body.to_string().as_bytes()).unwrap().ids[0].to_string(), "f21bd6bb-c4c1-480a-96a2-f634bc21eb22");
+        assert_eq!(
+            parse(body.to_string().as_bytes()).unwrap().ids[0].to_string(),
+            "f21bd6bb-c4c1-480a-96a2-f634bc21eb22"
+        );
         let none = serde_json::json!({"MessageName": "Update", "PrimaryEntityName": "contact"});
         assert_eq!(parse(none.to_string().as_bytes()).unwrap_err().status, 400);
     }
@@ -256,7 +305,9 @@ mod tests {
         ] {
             assert_eq!(parse(body.as_bytes()).unwrap_err().status, 400, "{body}");
         }
-        let light = parse(br#"{"entity":"account","ids":["f21bd6bb-c4c1-480a-96a2-f634bc21eb22"]}"#).unwrap();
+        let light =
+            parse(br#"{"entity":"account","ids":["f21bd6bb-c4c1-480a-96a2-f634bc21eb22"]}"#)
+                .unwrap();
         assert_eq!((light.message, light.ids.len()), (Message::Saved, 1));
     }
 

@@ -2,5 +2,10 @@
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
-    shared::services::run("contact-answered", shared::handlers::contact_event).await
+    shared::services::run(
+        "contact-answered",
+        shared::services::lifecycle_from_env,
+        shared::handlers::contact_event,
+    )
+    .await
 }

@@ -4,5 +4,10 @@
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
-    shared::services::run("contact-created", shared::handlers::contact_created).await
+    shared::services::run(
+        "contact-created",
+        shared::services::lifecycle_from_env,
+        shared::handlers::contact_created,
+    )
+    .await
 }

@@ -3,5 +3,10 @@
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
-    shared::services::run("recording-available", shared::handlers::recording_available).await
+    shared::services::run(
+        "recording-available",
+        shared::services::lifecycle_from_env,
+        shared::handlers::recording_available,
+    )
+    .await
 }
