@@ -31,6 +31,8 @@ pub struct DirectorySync {
     pub secrets: Option<aws_sdk_secretsmanager::Client>,
     pub keys: OnceCell<WebhookKeys>,
     pub function: &'static str,
+    /// First retry delay; doubles per attempt up to SQS's 15 minutes.
+    pub retry_base_delay: Duration,
 }
 
 /// One record to bring into the directory later (Dynamics was throttling or down).
@@ -171,7 +173,7 @@ impl DirectorySync {
                     };
                     if let Err(error) = self
                         .handoff
-                        .retry_later(&retry, Duration::from_secs(10))
+                        .retry_later(&retry, self.retry_base_delay)
                         .await
                     {
                         tracing::error!(%error, "durable hand-off failed");
@@ -285,7 +287,10 @@ impl DirectorySync {
                     ..message
                 };
                 self.handoff
-                    .retry_later(&next, Duration::from_secs(10u64 << next.attempt.min(6)))
+                    .retry_later(
+                        &next,
+                        crate::lifecycle::retry_delay(self.retry_base_delay, next.attempt),
+                    )
                     .await?;
                 Ok(RecordOutcome::Accepted { reason })
             }

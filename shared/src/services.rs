@@ -172,6 +172,7 @@ pub async fn directory_sync_from_env(
         keys: tokio::sync::OnceCell::new(),
         config: Arc::new(common.config),
         function,
+        retry_base_delay: crate::lifecycle::RETRY_BASE_DELAY,
     })
 }
 

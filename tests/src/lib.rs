@@ -366,3 +366,75 @@ pub fn fixture(name: &str) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}")))
         .expect("fixture is JSON")
 }
+
+/// record-saved / sync-sweep wired to the emulator and moto_server, with the webhook key given.
+pub async fn directory_sync(
+    emulator: &Emulator,
+    aws: &AwsResources,
+    yaml_extra: &str,
+    webhook_key: &str,
+) -> shared::directory_sync::DirectorySync {
+    let yaml = format!(
+        "{}webhook:\n  key: {{ env: CONNECT_DYNAMICS_TEST_WEBHOOK_KEY }}\n  max_body_bytes: 65536\n{yaml_extra}",
+        config_yaml(emulator)
+    );
+    let config = Config::from_yaml(&yaml).expect("the test configuration is valid");
+    let store = token_store(&aws.dynamodb, &aws.token_table, emulator);
+    let checkpoint_table = create_table(&aws.dynamodb, "checkpoints", &["entity"]).await;
+    let keys = tokio::sync::OnceCell::new();
+    keys.set(shared::webhook::WebhookKeys::new(&[Secret::new(
+        webhook_key,
+    )]))
+    .expect("fresh cell");
+    shared::directory_sync::DirectorySync {
+        dataverse: client(emulator, Some(store)),
+        directory: shared::directory::CallerDirectory::dynamodb(
+            aws.dynamodb.clone(),
+            &aws.directory_table,
+        ),
+        handoff: shared::handoff::Handoff::Sqs {
+            client: aws.sqs.clone(),
+            retry_queue_url: aws.retry_queue.clone(),
+            dead_letter_queue_url: aws.dead_letter_queue.clone(),
+        },
+        checkpoints: shared::directory_sync::CheckpointStore::DynamoDb {
+            client: aws.dynamodb.clone(),
+            table: checkpoint_table,
+        },
+        secrets: None,
+        keys,
+        config: std::sync::Arc::new(config),
+        function: "test",
+        retry_base_delay: Duration::ZERO,
+    }
+}
+
+/// Entries of one entity in the directory table.
+pub async fn directory_entries(aws: &AwsResources, entity: &str) -> usize {
+    let mut count = 0;
+    let mut start = None;
+    loop {
+        let output = aws
+            .dynamodb
+            .scan()
+            .table_name(&aws.directory_table)
+            .filter_expression("sk = :entry AND entity = :entity")
+            .expression_attribute_values(
+                ":entry",
+                aws_sdk_dynamodb::types::AttributeValue::S("entry".into()),
+            )
+            .expression_attribute_values(
+                ":entity",
+                aws_sdk_dynamodb::types::AttributeValue::S(entity.into()),
+            )
+            .set_exclusive_start_key(start)
+            .send()
+            .await
+            .expect("scan the directory");
+        count += output.items().len();
+        match output.last_evaluated_key {
+            Some(key) if !key.is_empty() => start = Some(key),
+            _ => return count,
+        }
+    }
+}
