@@ -212,6 +212,61 @@ async fn preview(args: &[String]) -> Result<(), String> {
 async fn simulate(args: &[String]) -> Result<(), String> {
     let (emulator, lifecycle) = local_run(option(args, "--config")?).await?;
     println!("Embedded Dataverse emulator: {}\n", emulator.org_url());
+
+    // Dynamics -> directory: a customer is saved in Dynamics, the webhook reports it,
+    // and the sweep reconciles the rest.
+    let webhook_key = Secret::new(uuid::Uuid::new_v4().simple().to_string());
+    let sync = shared::services::local_directory_sync(&lifecycle, &webhook_key);
+    let customer = emulator.seed(
+        "contacts",
+        serde_json::json!({"firstname": "Maren", "lastname": "Holt", "mobilephone": "+44 7700 900123"}),
+    );
+    emulator.seed(
+        "accounts",
+        serde_json::json!({"name": "Juniper Lane Dental", "telephone1": "+1 206 555 0158"}),
+    );
+    emulator.clear_requests();
+    println!(
+        "== Dynamics: contact Maren Holt (+44 7700 900123) saved; the webhook calls record-saved =="
+    );
+    let answer = sync
+        .record_saved(
+            shared::directory_sync::WebhookRequest {
+                code: Some(webhook_key.expose().to_owned()),
+                header: None,
+                body: samples::webhook_update(customer),
+            },
+            Instant::now() + Duration::from_secs(20),
+        )
+        .await;
+    for request in emulator.requests() {
+        print_request(&request);
+    }
+    println!("  answer to Dynamics: {} {}\n", answer.status, answer.body);
+    emulator.clear_requests();
+    println!("== sync-sweep: change tracking catches what webhooks missed ==");
+    let reports = sync
+        .sweep(Instant::now() + Duration::from_secs(60))
+        .await
+        .map_err(|e| e.to_string())?;
+    for request in emulator.requests() {
+        println!(
+            "  {} {}  -> {}",
+            request.method, request.target, request.status
+        );
+    }
+    for report in &reports {
+        println!(
+            "  {}: {} upserted, {} deleted, {} removed as unseen (full reconciliation: {})",
+            report.entity,
+            report.upserted,
+            report.deleted,
+            report.removed_unseen,
+            report.full_reconciliation
+        );
+    }
+    println!();
+
     let events = samples::contact();
     for event in &events {
         emulator.clear_requests();

@@ -73,3 +73,10 @@ pub fn contact() -> Vec<Event> {
         ),
     ]
 }
+
+/// A Dynamics webhook `Update` of a contact (`dynamics-webhook-update.json`) for the given record.
+pub fn webhook_update(id: uuid::Uuid) -> Vec<u8> {
+    let text = include_str!("../../tests/fixtures/dynamics-webhook-update.json")
+        .replace("374cca32-b347-4e5a-8fa6-11098c82c9a5", &id.to_string());
+    text.into_bytes()
+}

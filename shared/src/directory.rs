@@ -151,38 +151,6 @@ pub(crate) fn customer_from_item(
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn customer(entity: &str, priority: u32, modified_on: &str) -> Customer {
-        Customer {
-            entity: entity.into(),
-            entity_set: format!("{entity}s"),
-            id: Uuid::new_v4(),
-            name: Some(format!("{entity} {modified_on}")),
-            modified_on: modified_on.into(),
-            priority,
-            fields: BTreeMap::new(),
-        }
-    }
-
-    #[test]
-    fn priority_then_most_recent() {
-        let best = best_match(vec![
-            customer("account", 2, "2026-11-20T10:00:00Z"),
-            customer("contact", 1, "2026-11-01T10:00:00Z"),
-            customer("contact", 1, "2026-11-19T10:00:00Z"),
-        ])
-        .unwrap();
-        assert_eq!(
-            (best.entity.as_str(), best.modified_on.as_str()),
-            ("contact", "2026-11-19T10:00:00Z")
-        );
-        assert!(best_match(vec![]).is_none());
-    }
-}
-
 type Item = HashMap<String, AttributeValue>;
 
 fn entry_key(entity: &str, id: Uuid) -> Item {
@@ -558,4 +526,36 @@ async fn batch_write(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn customer(entity: &str, priority: u32, modified_on: &str) -> Customer {
+        Customer {
+            entity: entity.into(),
+            entity_set: format!("{entity}s"),
+            id: Uuid::new_v4(),
+            name: Some(format!("{entity} {modified_on}")),
+            modified_on: modified_on.into(),
+            priority,
+            fields: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn priority_then_most_recent() {
+        let best = best_match(vec![
+            customer("account", 2, "2026-11-20T10:00:00Z"),
+            customer("contact", 1, "2026-11-01T10:00:00Z"),
+            customer("contact", 1, "2026-11-19T10:00:00Z"),
+        ])
+        .unwrap();
+        assert_eq!(
+            (best.entity.as_str(), best.modified_on.as_str()),
+            ("contact", "2026-11-19T10:00:00Z")
+        );
+        assert!(best_match(vec![]).is_none());
+    }
 }

@@ -25,7 +25,7 @@ use crate::webhook::{self, Message, Refusal, WebhookKeys};
 pub struct DirectorySync {
     pub config: Arc<Config>,
     pub dataverse: DataverseClient,
-    pub directory: CallerDirectory,
+    pub directory: Arc<CallerDirectory>,
     pub handoff: Handoff,
     pub checkpoints: CheckpointStore,
     pub secrets: Option<aws_sdk_secretsmanager::Client>,
@@ -90,6 +90,9 @@ pub struct WebhookRequest {
 
 impl DirectorySync {
     async fn keys(&self) -> Result<&WebhookKeys, String> {
+        if let Some(keys) = self.keys.get() {
+            return Ok(keys);
+        }
         let webhook = self
             .config
             .webhook

@@ -31,7 +31,7 @@ pub struct Lifecycle {
     pub config: Arc<Config>,
     pub dataverse: DataverseClient,
     pub state: ContactStateStore,
-    pub directory: CallerDirectory,
+    pub directory: Arc<CallerDirectory>,
     pub handoff: Handoff,
     pub s3: Option<aws_sdk_s3::Client>,
     pub function: &'static str,

@@ -41,7 +41,10 @@ pub async fn lifecycle_from_env(function: &'static str) -> Result<Lifecycle, Sta
             common.dynamodb.clone(),
             required("CONTACT_STATE_TABLE")?,
         ),
-        directory: CallerDirectory::dynamodb(common.dynamodb, required("DIRECTORY_TABLE")?),
+        directory: Arc::new(CallerDirectory::dynamodb(
+            common.dynamodb,
+            required("DIRECTORY_TABLE")?,
+        )),
         handoff: handoff(&common.aws)?,
         s3: Some(common.s3),
         config: Arc::new(common.config),
@@ -162,7 +165,10 @@ pub async fn directory_sync_from_env(
     let checkpoint_table = std::env::var("CHECKPOINT_TABLE").unwrap_or_default();
     Ok(DirectorySync {
         dataverse: common.dataverse,
-        directory: CallerDirectory::dynamodb(common.dynamodb.clone(), required("DIRECTORY_TABLE")?),
+        directory: Arc::new(CallerDirectory::dynamodb(
+            common.dynamodb.clone(),
+            required("DIRECTORY_TABLE")?,
+        )),
         handoff: handoff(&common.aws)?,
         checkpoints: CheckpointStore::DynamoDb {
             client: common.dynamodb,
@@ -201,11 +207,35 @@ pub fn local_lifecycle(
     Ok(Lifecycle {
         dataverse,
         state: ContactStateStore::memory(),
-        directory: CallerDirectory::memory(),
+        directory: Arc::new(CallerDirectory::memory()),
         handoff: Handoff::memory(),
         s3: None,
         config: Arc::new(config),
         function,
         retry_base_delay: std::time::Duration::ZERO,
     })
+}
+
+/// record-saved and sync-sweep for local runs, sharing the lifecycle's directory
+/// and Dataverse client; the webhook accepts `webhook_key`.
+pub fn local_directory_sync(
+    lifecycle: &Lifecycle,
+    webhook_key: &crate::secret::Secret,
+) -> DirectorySync {
+    let keys = tokio::sync::OnceCell::new();
+    // A fresh cell always takes its first value.
+    let _ = keys.set(crate::webhook::WebhookKeys::new(std::slice::from_ref(
+        webhook_key,
+    )));
+    DirectorySync {
+        config: lifecycle.config.clone(),
+        dataverse: lifecycle.dataverse.clone(),
+        directory: lifecycle.directory.clone(),
+        handoff: Handoff::memory(),
+        checkpoints: CheckpointStore::memory(),
+        secrets: None,
+        keys,
+        function: "cli",
+        retry_base_delay: std::time::Duration::ZERO,
+    }
 }

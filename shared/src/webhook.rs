@@ -239,8 +239,9 @@ pub fn parse_wcf_date(text: &str) -> Option<OffsetDateTime> {
         Some(at) => inner.split_at(at),
         None => (inner, ""),
     };
-    if !offset.is_empty() && !(offset.len() == 5 && offset[1..].bytes().all(|b| b.is_ascii_digit()))
-    {
+    let offset_ok =
+        offset.is_empty() || (offset.len() == 5 && offset[1..].bytes().all(|b| b.is_ascii_digit()));
+    if !offset_ok {
         return None;
     }
     let millis: i64 = millis.parse().ok()?;

@@ -315,10 +315,10 @@ pub fn lifecycle(
             aws.dynamodb.clone(),
             &aws.state_table,
         ),
-        directory: shared::directory::CallerDirectory::dynamodb(
+        directory: std::sync::Arc::new(shared::directory::CallerDirectory::dynamodb(
             aws.dynamodb.clone(),
             &aws.directory_table,
-        ),
+        )),
         handoff: shared::handoff::Handoff::Sqs {
             client: aws.sqs.clone(),
             retry_queue_url: aws.retry_queue.clone(),
@@ -388,10 +388,10 @@ pub async fn directory_sync(
     .expect("fresh cell");
     shared::directory_sync::DirectorySync {
         dataverse: client(emulator, Some(store)),
-        directory: shared::directory::CallerDirectory::dynamodb(
+        directory: std::sync::Arc::new(shared::directory::CallerDirectory::dynamodb(
             aws.dynamodb.clone(),
             &aws.directory_table,
-        ),
+        )),
         handoff: shared::handoff::Handoff::Sqs {
             client: aws.sqs.clone(),
             retry_queue_url: aws.retry_queue.clone(),

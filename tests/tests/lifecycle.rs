@@ -512,3 +512,34 @@ async fn malformed_events_get_clear_errors_and_never_panic() {
     assert!(aws.dead_letters().await.is_empty());
     assert!(emulator.requests().is_empty());
 }
+
+#[tokio::test]
+async fn a_caller_in_the_directory_is_attached_to_the_record() {
+    let emulator = emulator().await;
+    let aws = AwsResources::create().await;
+    let lifecycle = lifecycle(&emulator, &aws, "");
+    let sync = e2e::directory_sync(&emulator, &aws, "", "key").await;
+    let customer = emulator.seed(
+        "contacts",
+        json!({"firstname": "Maren", "lastname": "Holt", "mobilephone": "07700 900123"}),
+    );
+    sync.sweep(deadline(30)).await.unwrap();
+    let scenario = scenario(&aws).await;
+    let (_, flow_event) = scenario.events[0].clone();
+    let answer = deliver(&lifecycle, Kind::Flow, flow_event).await;
+    assert_eq!(answer["dynamics_customer_matched"], "true");
+    assert_eq!(
+        answer["dynamics_customer_id"],
+        customer.to_string().as_str()
+    );
+    assert_eq!(answer["dynamics_customer_name"], "Maren Holt");
+    let record = &phonecalls(&emulator)[0];
+    assert_eq!(
+        record["_regardingobjectid_value"],
+        customer.to_string().as_str()
+    );
+    assert_eq!(
+        record["_regardingobjectid_value@Microsoft.Dynamics.CRM.lookuplogicalname"],
+        "contact"
+    );
+}
