@@ -5,11 +5,21 @@
 MOTO_VERSION="${MOTO_VERSION:-5.1.22}"
 VENV="${VENV:-.venv}"
 
+CFN_LINT_VERSION="${CFN_LINT_VERSION:-1.58.0}"
+
 ensure_moto() {
   if [ ! -x "$VENV/bin/moto_server" ]; then
     echo "installing moto[server] into $VENV ..." >&2
     python3 -m venv "$VENV"
     "$VENV/bin/pip" install --quiet --disable-pip-version-check "moto[server]==$MOTO_VERSION"
+  fi
+}
+
+ensure_cfn_lint() {
+  if [ ! -x "$VENV/bin/cfn-lint" ]; then
+    echo "installing cfn-lint into $VENV ..." >&2
+    [ -x "$VENV/bin/pip" ] || python3 -m venv "$VENV"
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check "cfn-lint==$CFN_LINT_VERSION"
   fi
 }
 

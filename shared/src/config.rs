@@ -853,6 +853,23 @@ dynamics:
     }
 
     #[test]
+    fn the_shipped_example_is_valid() {
+        let text = include_str!("../../infra/config.example.yaml");
+        let config = Config::from_yaml(text).unwrap();
+        assert_eq!(config.directory.len(), 2);
+        assert!(config.webhook.is_some());
+        // The commented certificate form is valid too.
+        let certificate = text
+            .replace("  credential:\n    client_secret: { secrets_manager: connect-dynamics/dynamics-client-secret }\n", "")
+            .replace("  # credential:\n  #   certificate:\n  #     thumbprint", "  credential:\n    certificate:\n      thumbprint")
+            .replace("  #     private_key:", "      private_key:");
+        assert!(matches!(
+            Config::from_yaml(&certificate).unwrap().dynamics.credential,
+            Credential::Certificate { .. }
+        ));
+    }
+
+    #[test]
     fn certificate_thumbprint_is_checked() {
         let yaml = MINIMAL.replace(
             "{ client_secret: { env: DYNAMICS_CLIENT_SECRET } }",

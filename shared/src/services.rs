@@ -114,6 +114,7 @@ async fn common() -> Result<Common, StartupError> {
     let config = Config::load(&location, Some(&s3))
         .await
         .map_err(|e| StartupError(e.to_string()))?;
+    check_stack_parameters(&config)?;
     let http = DataverseClient::http_client().map_err(|e| StartupError(e.to_string()))?;
     let authenticator = Authenticator::new(
         http.clone(),
@@ -146,6 +147,37 @@ async fn common() -> Result<Common, StartupError> {
         config,
         dataverse,
     })
+}
+
+/// The stack's parameters (`DYNAMICS_URL`, `DYNAMICS_TENANT_ID`, `DYNAMICS_CLIENT_ID`)
+/// must name the org the document names: a mismatch is a deployment mistake.
+fn check_stack_parameters(config: &Config) -> Result<(), StartupError> {
+    let dynamics = &config.dynamics;
+    let checks = [
+        ("DYNAMICS_URL", "dynamics.url", dynamics.org_url.as_str()),
+        (
+            "DYNAMICS_TENANT_ID",
+            "dynamics.tenant_id",
+            dynamics.tenant_id.as_str(),
+        ),
+        (
+            "DYNAMICS_CLIENT_ID",
+            "dynamics.client_id",
+            dynamics.client_id.as_str(),
+        ),
+    ];
+    for (variable, key, configured) in checks {
+        if let Ok(parameter) = std::env::var(variable)
+            && !parameter
+                .trim_end_matches('/')
+                .eq_ignore_ascii_case(configured)
+        {
+            return Err(StartupError(format!(
+                "the stack parameter {variable} ({parameter}) differs from `{key}` in the configuration ({configured})"
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn handoff(aws: &aws_config::SdkConfig) -> Result<Handoff, StartupError> {
