@@ -5,6 +5,8 @@
 //!   HTTP requests a step sends for a sample event (token redacted), or the exact error.
 //! - `simulate [--config FILE]`: a whole contact through the real handlers against an
 //!   embedded Dataverse emulator; prints every request and the final record.
+//! - `setup --config FILE --webhook-url URL [--dry-run] [--emulator]`: registers the
+//!   record-saved WebHook and its steps, and enables change tracking, through the Web API.
 
 mod samples;
 
@@ -21,7 +23,8 @@ use shared::secret::Secret;
 const USAGE: &str = "usage:
   connect-dynamics validate <config.yaml>
   connect-dynamics preview <created|answered|ended|recording> [--event FILE] [--config FILE]
-  connect-dynamics simulate [--config FILE]";
+  connect-dynamics simulate [--config FILE]
+  connect-dynamics setup --config FILE --webhook-url URL [--dry-run] [--emulator]";
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -30,6 +33,7 @@ async fn main() -> ExitCode {
         Some("validate") => validate(&args[1..]),
         Some("preview") => preview(&args[1..]).await,
         Some("simulate") => simulate(&args[1..]).await,
+        Some("setup") => setup(&args[1..]).await,
         Some("-h" | "--help") | None => {
             println!("{USAGE}");
             Ok(())
@@ -312,4 +316,71 @@ async fn simulate(args: &[String]) -> Result<(), String> {
         emulator.token_requests()
     );
     report_dead_letters(&lifecycle)
+}
+
+/// Prepares the Dynamics side. With `--emulator`, against an embedded emulator
+/// (to see what it does); with `--dry-run`, prints every request and sends nothing.
+async fn setup(args: &[String]) -> Result<(), String> {
+    let path = option(args, "--config")?.ok_or("setup needs --config FILE")?;
+    let webhook_url = option(args, "--webhook-url")?
+        .ok_or("setup needs --webhook-url (the stack's WebhookUrl output)")?;
+    let dry_run = args.iter().any(|a| a == "--dry-run");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+    let (emulator, config, secret) = if args.iter().any(|a| a == "--emulator") {
+        let emulator = Emulator::start(EmulatorOptions::default())
+            .await
+            .map_err(|e| e.to_string())?;
+        let config = local_config(&emulator, Some(&text))?;
+        let secret = Secret::new(emulator.options().client_secret.as_str());
+        (Some(emulator), config, secret)
+    } else {
+        let config = Config::from_yaml(&text).map_err(|e| e.to_string())?;
+        let secret = if dry_run {
+            Secret::new("unused in a dry run")
+        } else {
+            let reference = match &config.dynamics.credential {
+                shared::config::Credential::ClientSecret(reference) => reference,
+                shared::config::Credential::Certificate { private_key, .. } => private_key,
+            };
+            shared::services::resolve_secret(reference)
+                .await
+                .map_err(|e| e.to_string())?
+        };
+        (None, config, secret)
+    };
+    let webhook_key = match (&config.webhook, dry_run || emulator.is_some()) {
+        (Some(webhook), false) => shared::services::resolve_secret(&webhook.key)
+            .await
+            .map_err(|e| e.to_string())?,
+        (None, false) => return Err("the configuration has no `webhook.key`".into()),
+        (_, true) => Secret::new("redacted-in-this-run"),
+    };
+    let lifecycle =
+        shared::services::local_lifecycle(config, secret, "cli").map_err(|e| e.to_string())?;
+    let mut run = shared::setup::Setup {
+        client: &lifecycle.dataverse,
+        config: &lifecycle.config,
+        webhook_url,
+        webhook_key,
+        dry_run,
+        deadline: Instant::now() + Duration::from_secs(120),
+        requests: Vec::new(),
+        writes: 0,
+    };
+    let result = run.run().await;
+    for request in &run.requests {
+        println!("{request}");
+    }
+    result.map_err(|e| e.to_string())?;
+    let verb = if dry_run { "would write" } else { "wrote" };
+    println!(
+        "\nsetup {verb} {} change(s){}",
+        run.writes,
+        if emulator.is_some() {
+            " (embedded emulator)"
+        } else {
+            ""
+        }
+    );
+    Ok(())
 }

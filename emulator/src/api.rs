@@ -135,6 +135,12 @@ fn not_found_segment(set: &str) -> ApiResponse {
 }
 
 pub fn handle(store: &mut Store, base: &str, request: &ApiRequest) -> ApiResponse {
+    if request.path.starts_with("EntityDefinitions") {
+        return entity_definitions(store, request);
+    }
+    if request.path == "PublishXml" && request.method == "POST" {
+        return publish(store, request);
+    }
     let (set, key) = match parse_target(&request.path) {
         Ok(target) => target,
         Err(response) => return response,
@@ -186,6 +192,13 @@ fn etag(version: u64) -> String {
 fn project(row: &Map<String, Value>, key: &str, version: u64, select: Option<&[String]>) -> Value {
     let mut out = Map::new();
     out.insert("@odata.etag".into(), Value::String(etag(version)));
+    // Write-only columns (a service endpoint's key) are never read back.
+    let row: Map<String, Value> = row
+        .iter()
+        .filter(|(k, _)| k.as_str() != "authvalue")
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let row = &row;
     match select {
         Some(columns) => {
             for column in columns {
@@ -534,6 +547,112 @@ fn changes(
         format!("odata.track-changes,odata.maxpagesize={page_size}"),
     ));
     response
+}
+
+fn metadata_id(logical: &str) -> Uuid {
+    Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("entity:{logical}").as_bytes())
+}
+
+/// `EntityDefinitions(LogicalName='contact')` or `EntityDefinitions(<MetadataId>)`:
+/// read a definition; `PUT` (with `MSCRM.MergeLabels: true`) writes it back whole.
+fn entity_definitions(store: &mut Store, request: &ApiRequest) -> ApiResponse {
+    let key = request
+        .path
+        .strip_prefix("EntityDefinitions(")
+        .and_then(|k| k.strip_suffix(')'))
+        .unwrap_or_default();
+    let set = store
+        .tables
+        .iter()
+        .find(|(_, table)| {
+            let logical = &table.def.logical;
+            key == format!("LogicalName='{logical}'") || key == metadata_id(logical).to_string()
+        })
+        .map(|(set, _)| set.clone());
+    let Some(set) = set else {
+        return error(
+            404,
+            "0x80060888",
+            format!("Could not find an entity definition for `{key}`."),
+        );
+    };
+    let definition = |store: &Store| {
+        let table = &store.tables[&set];
+        let logical = &table.def.logical;
+        json!({
+            "MetadataId": metadata_id(logical).to_string(),
+            "LogicalName": logical,
+            "SchemaName": logical,
+            "EntitySetName": set,
+            "PrimaryIdAttribute": table.def.key,
+            "ChangeTrackingEnabled": table.change_tracking,
+            "CanChangeTrackingBeEnabled": {"Value": true, "CanBeChanged": false, "ManagedPropertyLogicalName": "canchangetrackingbeenabled"},
+        })
+    };
+    match request.method.as_str() {
+        "GET" => {
+            let mut body = definition(store);
+            if let Some(select) = select_of(&query_options(&request.query))
+                && let Some(object) = body.as_object_mut()
+            {
+                object.retain(|k, _| select.iter().any(|s| s == k));
+            }
+            ok(body)
+        }
+        "PUT" => {
+            if request.header("MSCRM.MergeLabels") != Some("true") {
+                return error(
+                    400,
+                    "0x80060888",
+                    "PUT of an entity definition needs MSCRM.MergeLabels: true, or its labels are lost.",
+                );
+            }
+            let Ok(body) = serde_json::from_slice::<Value>(&request.body) else {
+                return error(400, "0x80060888", "The request body is not valid JSON.");
+            };
+            // PUT replaces the whole definition: one without its names would wipe them.
+            if body.get("LogicalName") != definition(store).get("LogicalName")
+                || body.get("SchemaName").is_none()
+            {
+                return error(
+                    400,
+                    "0x80060888",
+                    "An entity definition PUT must carry the whole definition.",
+                );
+            }
+            let enabled = body
+                .get("ChangeTrackingEnabled")
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+            if let Some(table) = store.tables.get_mut(&set) {
+                table.change_tracking = enabled;
+            }
+            no_content()
+        }
+        method => error(
+            405,
+            "0x80060888",
+            format!("The HTTP method '{method}' is not allowed on entity definitions; use PUT."),
+        ),
+    }
+}
+
+fn publish(store: &mut Store, request: &ApiRequest) -> ApiResponse {
+    let body: Value = serde_json::from_slice(&request.body).unwrap_or_default();
+    let xml = body
+        .get("ParameterXml")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let mut rest = xml;
+    while let Some(start) = rest.find("<entity>") {
+        let after = &rest[start + 8..];
+        let Some(end) = after.find("</entity>") else {
+            break;
+        };
+        store.published.push(after[..end].to_owned());
+        rest = &after[end..];
+    }
+    no_content()
 }
 
 fn store_date() -> String {

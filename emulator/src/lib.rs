@@ -255,6 +255,18 @@ impl Emulator {
         lock(&self.shared.store).define(set, logical, key, activity, None);
     }
 
+    /// Entities published with `PublishXml`, in order.
+    pub fn published(&self) -> Vec<String> {
+        lock(&self.shared.store).published.clone()
+    }
+
+    pub fn change_tracking(&self, set: &str) -> bool {
+        lock(&self.shared.store)
+            .tables
+            .get(set)
+            .is_some_and(|t| t.change_tracking)
+    }
+
     pub fn set_change_tracking(&self, set: &str, enabled: bool) {
         if let Some(table) = lock(&self.shared.store).tables.get_mut(set) {
             table.change_tracking = enabled;

@@ -54,6 +54,8 @@ pub struct Store {
     pub deletions: Vec<Deletion>,
     /// Delta tokens older than this are expired (`0x80044352`).
     pub oldest_valid_delta: u64,
+    /// Entities named in `PublishXml` calls, in order.
+    pub published: Vec<String>,
 }
 
 fn phonecall_columns() -> BTreeMap<&'static str, Kind> {
@@ -98,6 +100,7 @@ impl Default for Store {
             version: 0,
             deletions: Vec::new(),
             oldest_valid_delta: 0,
+            published: Vec::new(),
         };
         store.define(
             "phonecalls",
@@ -117,6 +120,53 @@ impl Default for Store {
         store.define("contacts", "contact", "contactid", false, None);
         store.define("accounts", "account", "accountid", false, None);
         store.define("systemusers", "systemuser", "systemuserid", false, None);
+        store.define(
+            "serviceendpoints",
+            "serviceendpoint",
+            "serviceendpointid",
+            false,
+            None,
+        );
+        store.define("sdkmessages", "sdkmessage", "sdkmessageid", false, None);
+        store.define(
+            "sdkmessagefilters",
+            "sdkmessagefilter",
+            "sdkmessagefilterid",
+            false,
+            None,
+        );
+        store.define(
+            "sdkmessageprocessingsteps",
+            "sdkmessageprocessingstep",
+            "sdkmessageprocessingstepid",
+            false,
+            None,
+        );
+        // The platform's messages and their filters, as every org has them.
+        let entities: Vec<String> = store
+            .tables
+            .values()
+            .map(|t| t.def.logical.clone())
+            .collect();
+        for message in ["Create", "Update", "Delete"] {
+            let message_id = Uuid::new_v5(&Uuid::NAMESPACE_OID, message.as_bytes());
+            let mut columns = Map::new();
+            columns.insert("name".into(), Value::String(message.into()));
+            store.write("sdkmessages", message_id, columns);
+            for entity in &entities {
+                let filter_id = Uuid::new_v5(&message_id, entity.as_bytes());
+                let mut columns = Map::new();
+                columns.insert(
+                    "primaryobjecttypecode".into(),
+                    Value::String(entity.clone()),
+                );
+                columns.insert(
+                    "_sdkmessageid_value".into(),
+                    Value::String(message_id.to_string()),
+                );
+                store.write("sdkmessagefilters", filter_id, columns);
+            }
+        }
         for set in ["contacts", "accounts"] {
             if let Some(table) = store.tables.get_mut(set) {
                 table.change_tracking = true;
@@ -169,18 +219,23 @@ impl Store {
             let mut data = Map::new();
             data.insert(key.clone(), Value::String(id.to_string()));
             data.insert("createdon".into(), Value::String(now.clone()));
+            // Dataverse tables start their rows Active (0) with status reason 1.
+            data.insert("statecode".into(), Value::from(0));
+            data.insert("statuscode".into(), Value::from(1));
             if activity {
-                data.insert("statecode".into(), Value::from(0));
-                data.insert("statuscode".into(), Value::from(1));
                 data.insert("activitytypecode".into(), Value::String(logical.clone()));
             }
             Row { data, version }
         });
         let explicit_fullname = columns.contains_key("fullname");
+        let sets_auth_value = columns.contains_key("authvalue");
         for (column, value) in columns {
             row.data.insert(column, value);
         }
         row.version = version;
+        if sets_auth_value {
+            row.data.insert("isauthvalueset".into(), Value::Bool(true));
+        }
         row.data.insert("modifiedon".into(), Value::String(now));
         row.data
             .insert("versionnumber".into(), Value::from(version));

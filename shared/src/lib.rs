@@ -16,6 +16,7 @@ pub mod phone;
 pub mod recording;
 pub mod secret;
 pub mod services;
+pub mod setup;
 pub mod store_error;
 pub mod template;
 pub mod token_cache;

@@ -271,3 +271,21 @@ pub fn local_directory_sync(
         retry_base_delay: std::time::Duration::ZERO,
     }
 }
+
+/// Resolves a secret reference for a command-line run (environment, or Secrets
+/// Manager with the standard AWS configuration).
+pub async fn resolve_secret(
+    reference: &crate::config::SecretRef,
+) -> Result<crate::secret::Secret, StartupError> {
+    let client = match reference {
+        crate::config::SecretRef::SecretsManager(_) => {
+            let aws = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+            Some(aws_sdk_secretsmanager::Client::new(&aws))
+        }
+        crate::config::SecretRef::Env(_) => None,
+    };
+    reference
+        .resolve(client.as_ref())
+        .await
+        .map_err(StartupError)
+}

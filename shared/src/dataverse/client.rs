@@ -458,6 +458,53 @@ impl DataverseClient {
     }
 
     /// Sends a prepared `$batch` body and returns the raw answer (see [`super::batch`]).
+    /// A request to a path below the API root that the typed operations do not
+    /// cover (metadata, registration). `path` must be built from validated names,
+    /// GUIDs and escaped literals. Returns the JSON body (if any) and the id in
+    /// `OData-EntityId` (if any).
+    pub(crate) async fn execute(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: Option<&Value>,
+        headers: &[(&'static str, &str)],
+        deadline: Instant,
+    ) -> Result<(Option<Value>, Option<Uuid>), DataverseError> {
+        let (path, query) = path_and_query
+            .split_once('?')
+            .unwrap_or((path_and_query, ""));
+        let mut url = self.inner.api_base.clone();
+        url.set_path(&format!("{}{path}", self.inner.api_base.path()));
+        if !query.is_empty() {
+            url.set_query(Some(query));
+        }
+        let mut request = Request::new(method, url);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        for (name, value) in headers {
+            request = request.header(name, *value);
+        }
+        let response = self.send(request, deadline).await?;
+        let id = response
+            .headers()
+            .get("OData-EntityId")
+            .and_then(|v| v.to_str().ok())
+            .and_then(id_from_entity_url);
+        let bytes = response.bytes().await.map_err(|e| {
+            DataverseError::Protocol(format!("answer could not be read: {}", e.without_url()))
+        })?;
+        let json = if bytes.is_empty() {
+            None
+        } else {
+            Some(
+                serde_json::from_slice(&bytes)
+                    .map_err(|e| DataverseError::Protocol(format!("answer is not JSON: {e}")))?,
+            )
+        };
+        Ok((json, id))
+    }
+
     pub(crate) async fn send_batch(
         &self,
         content_type: String,
