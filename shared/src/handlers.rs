@@ -92,6 +92,35 @@ fn skipped(reason: String) -> Report {
     }
 }
 
+/// Runs one event's facts through the lifecycle and logs its line.
+async fn apply(
+    lifecycle: &Lifecycle,
+    facts: crate::connect::StepFacts,
+    event: &Value,
+    lambda_deadline: Instant,
+    started: Instant,
+) -> Result<Value, HandlerError> {
+    let deadline = work_deadline(lambda_deadline);
+    let report = lifecycle
+        .process(
+            facts.contact_id,
+            Some(facts),
+            0,
+            None,
+            deadline,
+            Some(event),
+        )
+        .await?;
+    finish(lifecycle, &report, started);
+    Ok(Value::Null)
+}
+
+/// Logs an event that is not ours to handle.
+fn skip(lifecycle: &Lifecycle, reason: String, started: Instant) -> Value {
+    finish(lifecycle, &skipped(reason), started);
+    Value::Null
+}
+
 /// contact-created: the flow invocation, the `INITIATED` contact event, and the retry queue.
 pub async fn contact_created(
     lifecycle: &Lifecycle,
@@ -203,27 +232,12 @@ pub async fn contact_event(
     let facts = match parsed.detail.facts() {
         Ok(Some(facts)) => facts,
         Ok(None) => {
-            let report = skipped(format!(
-                "event type {:?} is not used",
-                parsed.detail.event_type
-            ));
-            finish(lifecycle, &report, started);
-            return Ok(Value::Null);
+            let reason = format!("event type {:?} is not used", parsed.detail.event_type);
+            return Ok(skip(lifecycle, reason, started));
         }
         Err(error) => return refuse(lifecycle, &event, error.to_string(), started).await,
     };
-    let report = lifecycle
-        .process(
-            facts.contact_id,
-            Some(facts),
-            0,
-            None,
-            work_deadline(lambda_deadline),
-            Some(&event),
-        )
-        .await?;
-    finish(lifecycle, &report, started);
-    Ok(Value::Null)
+    apply(lifecycle, facts, &event, lambda_deadline, started).await
 }
 
 /// recording-available: S3 `Object Created` through EventBridge.
@@ -253,23 +267,10 @@ pub async fn recording_available(
     {
         Ok(facts) => facts,
         Err(reason) => {
-            let report = skipped(reason);
-            finish(lifecycle, &report, started);
-            return Ok(Value::Null);
+            return Ok(skip(lifecycle, reason, started));
         }
     };
-    let report = lifecycle
-        .process(
-            facts.contact_id,
-            Some(facts),
-            0,
-            None,
-            work_deadline(lambda_deadline),
-            Some(&event),
-        )
-        .await?;
-    finish(lifecycle, &report, started);
-    Ok(Value::Null)
+    apply(lifecycle, facts, &event, lambda_deadline, started).await
 }
 
 /// The retry queue (SQS): each message is a contact to bring up to date again.

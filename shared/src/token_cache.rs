@@ -129,11 +129,7 @@ impl TokenStore {
             .expression_attribute_values(":mine", number(token.expires_at))
             .send()
             .await;
-        match result {
-            Ok(_) => Ok(()),
-            Err(error) if is_conditional_check_failure(&error) => Ok(()),
-            Err(error) => Err(aws_sdk_dynamodb::error::DisplayErrorContext(error).to_string()),
-        }
+        ignore_lost_condition(result)
     }
 
     /// Gives the lease back after a failed refresh, so the next container need not wait it out.
@@ -148,11 +144,7 @@ impl TokenStore {
             .expression_attribute_values(":owner", AttributeValue::S(owner.to_owned()))
             .send()
             .await;
-        match result {
-            Ok(_) => Ok(()),
-            Err(error) if is_conditional_check_failure(&error) => Ok(()),
-            Err(error) => Err(aws_sdk_dynamodb::error::DisplayErrorContext(error).to_string()),
-        }
+        ignore_lost_condition(result)
     }
 
     /// Removes a token Dataverse refused, but only that one: a newer token another
@@ -170,11 +162,7 @@ impl TokenStore {
             )
             .send()
             .await;
-        match result {
-            Ok(_) => Ok(()),
-            Err(error) if is_conditional_check_failure(&error) => Ok(()),
-            Err(error) => Err(aws_sdk_dynamodb::error::DisplayErrorContext(error).to_string()),
-        }
+        ignore_lost_condition(result)
     }
 }
 
@@ -186,6 +174,21 @@ where
         .as_service_error()
         .and_then(|e| e.code())
         .is_some_and(|code| code == "ConditionalCheckFailedException")
+}
+
+/// A conditional write whose condition did not hold changed nothing, on purpose.
+fn ignore_lost_condition<T, E, R>(
+    result: Result<T, aws_sdk_dynamodb::error::SdkError<E, R>>,
+) -> Result<(), String>
+where
+    E: aws_sdk_dynamodb::error::ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    match result {
+        Ok(_) => Ok(()),
+        Err(error) if is_conditional_check_failure(&error) => Ok(()),
+        Err(error) => Err(aws_sdk_dynamodb::error::DisplayErrorContext(error).to_string()),
+    }
 }
 
 fn number(value: u64) -> AttributeValue {
