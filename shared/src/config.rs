@@ -192,6 +192,10 @@ struct ContactDocument {
     /// come back, before it is dead-lettered.
     #[serde(default = "default_retry_window_minutes")]
     retry_window_minutes: u64,
+    /// How the record names the matched customer: its `regarding` lookup, or an
+    /// activity party (the caller as sender of an inbound call, recipient of an outbound one).
+    #[serde(default)]
+    bind_customer_as: CustomerBinding,
 }
 
 impl Default for ContactDocument {
@@ -210,6 +214,7 @@ impl Default for ContactDocument {
             transcript_max_bytes: default_transcript_max_bytes(),
             flow_budget_ms: default_flow_budget_ms(),
             retry_window_minutes: default_retry_window_minutes(),
+            bind_customer_as: CustomerBinding::default(),
         }
     }
 }
@@ -228,6 +233,16 @@ fn default_flow_budget_ms() -> u64 {
 }
 fn default_retry_window_minutes() -> u64 {
     120
+}
+
+/// How the record is tied to the matched customer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CustomerBinding {
+    #[default]
+    Regarding,
+    ActivityParty,
+    None,
 }
 
 #[derive(Deserialize)]
@@ -370,6 +385,7 @@ pub struct ContactConfig {
     pub transcript_max_bytes: u64,
     pub flow_budget: Duration,
     pub retry_window: Duration,
+    pub bind_customer_as: CustomerBinding,
 }
 
 impl Config {
@@ -475,6 +491,7 @@ impl Config {
                 transcript_max_bytes: contact_document.transcript_max_bytes,
                 flow_budget: Duration::from_millis(contact_document.flow_budget_ms),
                 retry_window: Duration::from_secs(contact_document.retry_window_minutes * 60),
+                bind_customer_as: contact_document.bind_customer_as,
             },
             directory,
             sweep_page_size,

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
-use crate::config::Config;
+use crate::config::{Config, CustomerBinding};
 use crate::connect::{ObjectCreatedDetail, Source, Step, StepFacts, record_id};
 use crate::contact_state::{ContactState, ContactStateStore};
 use crate::dataverse::odata::EntitySet;
@@ -391,13 +391,28 @@ impl Lifecycle {
             }
         }
         if let Some(customer) = &state.customer {
-            let bind = format!(
-                "regardingobjectid_{}_{}@odata.bind",
-                customer.entity, contact.logical_name
-            );
-            desired.entry(bind).or_insert_with(|| {
-                Value::String(format!("/{}({})", customer.entity_set, customer.id))
-            });
+            let target = Value::String(format!("/{}({})", customer.entity_set, customer.id));
+            match contact.bind_customer_as {
+                CustomerBinding::Regarding => {
+                    let bind = format!(
+                        "regardingobjectid_{}_{}@odata.bind",
+                        customer.entity, contact.logical_name
+                    );
+                    desired.entry(bind).or_insert(target);
+                }
+                CustomerBinding::ActivityParty => {
+                    // The caller sends an inbound call (1, From) and receives an outbound one (2, To).
+                    let outbound = desired.get("directioncode") == Some(&Value::Bool(true));
+                    let parties = format!("{}_activity_parties", contact.logical_name);
+                    desired.entry(parties).or_insert_with(|| {
+                        json!([{
+                            format!("partyid_{}@odata.bind", customer.entity): target,
+                            "participationtypemask": if outbound { 2 } else { 1 },
+                        }])
+                    });
+                }
+                CustomerBinding::None => {}
+            }
         }
         let ended_ok = state.ended.is_some()
             && !state.failed_steps.contains_key(Step::Ended.name())

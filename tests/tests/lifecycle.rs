@@ -543,3 +543,29 @@ async fn a_caller_in_the_directory_is_attached_to_the_record() {
         "contact"
     );
 }
+
+#[tokio::test]
+async fn the_caller_can_be_bound_as_an_activity_party() {
+    let emulator = emulator().await;
+    let aws = AwsResources::create().await;
+    let lifecycle = lifecycle(
+        &emulator,
+        &aws,
+        "contact:\n  bind_customer_as: activity_party\n",
+    );
+    let sync = e2e::directory_sync(&emulator, &aws, "", "key").await;
+    let customer = emulator.seed(
+        "contacts",
+        json!({"lastname": "Holt", "mobilephone": "+447700900123"}),
+    );
+    sync.sweep(deadline(30)).await.unwrap();
+    let scenario = scenario(&aws).await;
+    let (_, flow_event) = scenario.events[0].clone();
+    deliver(&lifecycle, Kind::Flow, flow_event).await;
+    let record = &phonecalls(&emulator)[0];
+    assert_eq!(
+        record["phonecall_activity_parties"],
+        json!([{"partyid_contact@odata.bind": format!("/contacts({customer})"), "participationtypemask": 1}])
+    );
+    assert!(record.get("_regardingobjectid_value").is_none());
+}
