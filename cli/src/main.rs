@@ -3,8 +3,9 @@
 //! - `validate <config.yaml>`: check a configuration document, naming the exact key of any error.
 //! - `preview <created|answered|ended|recording> [--event FILE] [--config FILE]`: the exact
 //!   HTTP requests a step sends for a sample event (token redacted), or the exact error.
-//! - `simulate [--config FILE]`: a whole contact through the real handlers against an
-//!   embedded Dataverse emulator; prints every request and the final record.
+//! - `simulate [--config FILE] [--live]`: a whole contact through the real handlers against
+//!   an embedded Dataverse emulator (or, with `--live`, the org the config names); prints
+//!   every request and the final record.
 //! - `setup --config FILE --webhook-url URL [--dry-run] [--emulator]`: registers the
 //!   record-saved WebHook and its steps, and enables change tracking, through the Web API.
 
@@ -23,7 +24,7 @@ use shared::secret::Secret;
 const USAGE: &str = "usage:
   connect-dynamics validate <config.yaml>
   connect-dynamics preview <created|answered|ended|recording> [--event FILE] [--config FILE]
-  connect-dynamics simulate [--config FILE]
+  connect-dynamics simulate [--config FILE] [--live]
   connect-dynamics setup --config FILE --webhook-url URL [--dry-run] [--emulator]";
 
 #[tokio::main]
@@ -214,6 +215,9 @@ async fn preview(args: &[String]) -> Result<(), String> {
 }
 
 async fn simulate(args: &[String]) -> Result<(), String> {
+    if args.iter().any(|a| a == "--live") {
+        return simulate_live(args).await;
+    }
     let (emulator, lifecycle) = local_run(option(args, "--config")?).await?;
     println!("Embedded Dataverse emulator: {}\n", emulator.org_url());
 
@@ -381,6 +385,57 @@ async fn setup(args: &[String]) -> Result<(), String> {
         } else {
             ""
         }
+    );
+    Ok(())
+}
+
+/// A whole contact against the org the configuration names (in-memory state, no AWS):
+/// for trying templates on a real sandbox org before deploying.
+async fn simulate_live(args: &[String]) -> Result<(), String> {
+    let path = option(args, "--config")?.ok_or("--live needs --config FILE")?;
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+    let config = Config::from_yaml(&text).map_err(|e| e.to_string())?;
+    let reference = match &config.dynamics.credential {
+        shared::config::Credential::ClientSecret(reference) => reference,
+        shared::config::Credential::Certificate { private_key, .. } => private_key,
+    };
+    let secret = shared::services::resolve_secret(reference)
+        .await
+        .map_err(|e| e.to_string())?;
+    let lifecycle =
+        shared::services::local_lifecycle(config, secret, "cli").map_err(|e| e.to_string())?;
+    println!("Live organisation: {}\n", lifecycle.config.dynamics.org_url);
+    let mut record = None;
+    for event in &samples::contact() {
+        let before = lifecycle.dataverse.stats().requests;
+        let answer = deliver(&lifecycle, event).await?;
+        println!(
+            "== {} == {} request(s)",
+            event.title,
+            lifecycle.dataverse.stats().requests - before
+        );
+        if event.kind == samples::Kind::Flow {
+            println!("  answer to the contact flow: {answer}");
+            record = answer["dynamics_record_id"]
+                .as_str()
+                .and_then(|id| uuid::Uuid::parse_str(id).ok());
+        }
+    }
+    report_dead_letters(&lifecycle)?;
+    let record = record.ok_or("the flow answered without a record id")?;
+    let fetched = lifecycle
+        .dataverse
+        .get(
+            &lifecycle.config.contact.entity_set,
+            record,
+            &[],
+            Instant::now() + Duration::from_secs(20),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    println!(
+        "\n== the Dynamics record ==\n{}",
+        serde_json::to_string_pretty(&fetched).unwrap_or_default()
     );
     Ok(())
 }

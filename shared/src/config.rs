@@ -181,6 +181,10 @@ struct ContactDocument {
     /// Add chat transcripts and Contact Lens transcripts as notes on the record.
     #[serde(default = "default_true")]
     transcript_notes: bool,
+    /// Link recordings with a presigned S3 URL valid this long (at most 7 days; in
+    /// Lambda also bounded by the role session) instead of `recording_link`.
+    #[serde(default)]
+    recording_presign_seconds: Option<u64>,
     /// Transcript files larger than this are linked, not read.
     #[serde(default = "default_transcript_max_bytes")]
     transcript_max_bytes: u64,
@@ -211,6 +215,7 @@ impl Default for ContactDocument {
             recording: default_recording(),
             recording_link: default_recording_link(),
             transcript_notes: true,
+            recording_presign_seconds: None,
             transcript_max_bytes: default_transcript_max_bytes(),
             flow_budget_ms: default_flow_budget_ms(),
             retry_window_minutes: default_retry_window_minutes(),
@@ -382,6 +387,7 @@ pub struct ContactConfig {
     pub recording: PayloadTemplate,
     pub recording_link: TextTemplate,
     pub transcript_notes: bool,
+    pub recording_presign: Option<Duration>,
     pub transcript_max_bytes: u64,
     pub flow_budget: Duration,
     pub retry_window: Duration,
@@ -432,6 +438,15 @@ impl Config {
             return Err(ConfigError::at(
                 "contact.flow_budget_ms",
                 "must be between 500 and 7000 (the flow waits 8 s at most)",
+            ));
+        }
+        if contact_document
+            .recording_presign_seconds
+            .is_some_and(|s| !(1..=604_800).contains(&s))
+        {
+            return Err(ConfigError::at(
+                "contact.recording_presign_seconds",
+                "must be between 1 and 604800 (7 days, S3's limit)",
             ));
         }
         if contact_document.retry_window_minutes == 0 {
@@ -488,6 +503,9 @@ impl Config {
                 recording,
                 recording_link,
                 transcript_notes: contact_document.transcript_notes,
+                recording_presign: contact_document
+                    .recording_presign_seconds
+                    .map(Duration::from_secs),
                 transcript_max_bytes: contact_document.transcript_max_bytes,
                 flow_budget: Duration::from_millis(contact_document.flow_budget_ms),
                 retry_window: Duration::from_secs(contact_document.retry_window_minutes * 60),

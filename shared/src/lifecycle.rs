@@ -627,6 +627,21 @@ impl Lifecycle {
                 &Value::Object(values.clone()),
             )
             .map_err(|e| StoreError::new("template", e.to_string(), false))?;
+        let link = match (self.config.contact.recording_presign, &self.s3) {
+            (Some(expiry), Some(s3)) => {
+                let presigning = aws_sdk_s3::presigning::PresigningConfig::expires_in(expiry)
+                    .map_err(|e| StoreError::new("S3", e.to_string(), false))?;
+                s3.get_object()
+                    .bucket(&detail.bucket.name)
+                    .key(&detail.object.key)
+                    .presigned(presigning)
+                    .await
+                    .map_err(|e| StoreError::from_sdk("S3", e))?
+                    .uri()
+                    .to_owned()
+            }
+            _ => link,
+        };
         values["recording"]["url"] = Value::String(link);
         let contact = &self.config.contact;
         let small_enough = detail

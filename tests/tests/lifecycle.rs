@@ -569,3 +569,28 @@ async fn the_caller_can_be_bound_as_an_activity_party() {
     );
     assert!(record.get("_regardingobjectid_value").is_none());
 }
+
+#[tokio::test]
+async fn recordings_can_be_linked_with_a_bounded_presigned_url() {
+    let emulator = emulator().await;
+    let aws = AwsResources::create().await;
+    let lifecycle = lifecycle(
+        &emulator,
+        &aws,
+        "contact:\n  recording_presign_seconds: 3600\n",
+    );
+    let scenario = scenario(&aws).await;
+    for index in [0, 4] {
+        let (kind, event) = scenario.events[index].clone();
+        deliver(&lifecycle, kind, event).await;
+    }
+    let description = phonecalls(&emulator)[0]["description"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(description.contains(&aws.bucket), "{description}");
+    assert!(
+        description.contains("X-Amz-Expires=3600") && description.contains("X-Amz-Signature="),
+        "{description}"
+    );
+}
