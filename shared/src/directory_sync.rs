@@ -493,7 +493,7 @@ impl DirectorySync {
                 },
                 Phase::Full { next } => {
                     report.full_reconciliation = true;
-                    let page = match &next {
+                    let fetched = match &next {
                         None => {
                             self.dataverse
                                 .track_changes(
@@ -502,13 +502,20 @@ impl DirectorySync {
                                     page_size,
                                     work_deadline,
                                 )
-                                .await?
+                                .await
                         }
                         Some(link) => {
                             self.dataverse
                                 .follow_changes(link, page_size, work_deadline)
-                                .await?
+                                .await
                         }
+                    };
+                    let page = match fetched {
+                        Ok(page) => page,
+                        Err(error) if error.is_transient() => {
+                            return self.pause(entity, &checkpoint, report, &error).await;
+                        }
+                        Err(error) => return Err(error.into()),
                     };
                     self.apply_page(mapping, &page.changes, checkpoint.stamp, &mut report)
                         .await?;
@@ -538,6 +545,9 @@ impl DirectorySync {
                             checkpoint.delta_link = None;
                             checkpoint.phase = Phase::Idle;
                             continue;
+                        }
+                        Err(error) if error.is_transient() => {
+                            return self.pause(entity, &checkpoint, report, &error).await;
                         }
                         Err(error) => return Err(error.into()),
                     };
@@ -572,6 +582,20 @@ impl DirectorySync {
             // Applied, then saved: a crash in between re-applies the page, which is idempotent.
             self.checkpoints.save(entity, &checkpoint).await?;
         }
+    }
+
+    /// Dynamics throttled, failed or ran past the deadline: keep the position, stop
+    /// this run unfinished; the next run continues from the checkpoint.
+    async fn pause(
+        &self,
+        entity: &str,
+        checkpoint: &Checkpoint,
+        report: SweepReport,
+        error: &DataverseError,
+    ) -> Result<SweepReport, SweepError> {
+        tracing::warn!(entity, %error, "sweep paused; the next run continues from the checkpoint");
+        self.checkpoints.save(entity, checkpoint).await?;
+        Ok(report)
     }
 
     async fn apply_page(

@@ -277,7 +277,7 @@ async fn an_interrupted_sweep_finishes_over_several_runs_with_the_same_result() 
     loop {
         runs += 1;
         let reports = sync
-            .sweep(Instant::now() + Duration::from_millis(3_080))
+            .sweep(Instant::now() + Duration::from_millis(3_300))
             .await
             .unwrap();
         if reports[0].finished {
