@@ -314,15 +314,25 @@ pub async fn retries(
             Ok(report) => finish(lifecycle, &report, started),
             Err(error) => {
                 tracing::warn!(%error, message_id = id, "retry message handed back to the queue");
-                let mut failure = BatchItemFailure::default();
-                failure.item_identifier = id;
-                failures.push(failure);
+                failures.push(id);
             }
         }
     }
+    Ok(batch_response(failures))
+}
+
+/// The SQS partial-batch answer: the messages to deliver again.
+fn batch_response(failed_message_ids: Vec<String>) -> Value {
     let mut response = SqsBatchResponse::default();
-    response.batch_item_failures = failures;
-    Ok(serde_json::to_value(response).unwrap_or_default())
+    response.batch_item_failures = failed_message_ids
+        .into_iter()
+        .map(|id| {
+            let mut failure = BatchItemFailure::default();
+            failure.item_identifier = id;
+            failure
+        })
+        .collect();
+    serde_json::to_value(response).unwrap_or_default()
 }
 
 /// record-saved: the Dynamics webhook through a Lambda function URL, and its retry queue.
@@ -403,14 +413,10 @@ async fn directory_retries(
         };
         if let Err(error) = sync.retry(message, work_deadline(lambda_deadline)).await {
             tracing::warn!(%error, message_id = id, "directory retry handed back to the queue");
-            let mut failure = BatchItemFailure::default();
-            failure.item_identifier = id;
-            failures.push(failure);
+            failures.push(id);
         }
     }
-    let mut response = SqsBatchResponse::default();
-    response.batch_item_failures = failures;
-    Ok(serde_json::to_value(response).unwrap_or_default())
+    Ok(batch_response(failures))
 }
 
 /// sync-sweep: the schedule. Every mapped entity, as far as the time allows; the
