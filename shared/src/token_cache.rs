@@ -20,7 +20,9 @@ use crate::secret::Secret;
 pub const DEFAULT_REFRESH_MARGIN: Duration = Duration::from_secs(300);
 /// How long a refreshing container holds the lease before others may take over.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(5);
-/// Extra days a token item lives in the table after expiry before TTL removes it.
+/// Consecutive table errors after which a refresh bypasses the shared cache.
+const MAX_TABLE_ERRORS: u32 = 3;
+/// How long a token item outlives its expiry before the table's TTL removes it.
 const TTL_SLACK_SECS: u64 = 3600;
 
 pub struct TokenCache {
@@ -259,27 +261,42 @@ impl TokenCache {
         deadline: Instant,
     ) -> Result<AccessToken, TokenError> {
         let owner = uuid::Uuid::new_v4().to_string();
+        // A passing table error (a timeout under load) is waited out; only a table that
+        // keeps failing is bypassed, so a burst of cold containers still costs one token.
+        let mut table_errors = 0;
         loop {
+            let pause = Duration::from_millis(40 + fastrand::u64(0..40));
             match store.read().await {
                 Ok(Some(token)) if token.is_fresh(self.refresh_margin) => return Ok(token),
                 Ok(_) => {}
-                Err(error) => return self.fallback(&error).await,
+                Err(error) => {
+                    table_errors += 1;
+                    if table_errors >= MAX_TABLE_ERRORS || Instant::now() + pause >= deadline {
+                        return self.fallback(&error).await;
+                    }
+                    tokio::time::sleep(pause).await;
+                    continue;
+                }
             }
             match store.try_lease(&owner, self.refresh_margin).await {
                 Ok(true) => {
                     let result = self.authenticator.request_token().await;
-                    let stored = match &result {
-                        Ok(token) => store.write(token).await,
-                        Err(_) => store.release(&owner).await,
-                    };
-                    if let Err(error) = stored {
-                        tracing::warn!(%error, "could not update the shared token cache");
+                    for _ in 0..MAX_TABLE_ERRORS {
+                        let stored = match &result {
+                            Ok(token) => store.write(token).await,
+                            Err(_) => store.release(&owner).await,
+                        };
+                        match stored {
+                            Ok(()) => break,
+                            Err(error) => {
+                                tracing::warn!(%error, "could not update the shared token cache")
+                            }
+                        }
                     }
                     return result;
                 }
                 Ok(false) => {
                     // Someone else is refreshing: wait for the table, not for Entra ID.
-                    let pause = Duration::from_millis(40 + fastrand::u64(0..40));
                     if Instant::now() + pause >= deadline {
                         return Err(TokenError::Unavailable(
                             "deadline reached while another container was refreshing the token"
@@ -288,7 +305,13 @@ impl TokenCache {
                     }
                     tokio::time::sleep(pause).await;
                 }
-                Err(error) => return self.fallback(&error).await,
+                Err(error) => {
+                    table_errors += 1;
+                    if table_errors >= MAX_TABLE_ERRORS || Instant::now() + pause >= deadline {
+                        return self.fallback(&error).await;
+                    }
+                    tokio::time::sleep(pause).await;
+                }
             }
         }
     }
