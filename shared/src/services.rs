@@ -129,17 +129,7 @@ async fn common() -> Result<Common, StartupError> {
         &dynamics.client_id,
         &dynamics.scope,
     );
-    let retry = RetryPolicy {
-        max_attempts: dynamics.max_attempts,
-        ..RetryPolicy::default()
-    };
-    let dataverse = DataverseClient::new(
-        http,
-        dynamics.api_base.clone(),
-        TokenCache::new(authenticator, Some(tokens)),
-        retry,
-        dynamics.request_timeout,
-    );
+    let dataverse = dataverse_client(http, dynamics, TokenCache::new(authenticator, Some(tokens)));
     Ok(Common {
         aws,
         dynamodb,
@@ -147,6 +137,25 @@ async fn common() -> Result<Common, StartupError> {
         config,
         dataverse,
     })
+}
+
+/// The Dataverse client with the configured retry bound and request timeout.
+fn dataverse_client(
+    http: reqwest::Client,
+    dynamics: &crate::config::DynamicsConfig,
+    tokens: TokenCache,
+) -> DataverseClient {
+    let retry = RetryPolicy {
+        max_attempts: dynamics.max_attempts,
+        ..RetryPolicy::default()
+    };
+    DataverseClient::new(
+        http,
+        dynamics.api_base.clone(),
+        tokens,
+        retry,
+        dynamics.request_timeout,
+    )
 }
 
 /// The stack's parameters (`DYNAMICS_URL`, `DYNAMICS_TENANT_ID`, `DYNAMICS_CLIENT_ID`)
@@ -225,17 +234,7 @@ pub fn local_lifecycle(
     let authenticator =
         Authenticator::new(http.clone(), &config.dynamics, None).with_secret(secret);
     let dynamics = &config.dynamics;
-    let retry = RetryPolicy {
-        max_attempts: dynamics.max_attempts,
-        ..RetryPolicy::default()
-    };
-    let dataverse = DataverseClient::new(
-        http,
-        dynamics.api_base.clone(),
-        TokenCache::new(authenticator, None),
-        retry,
-        dynamics.request_timeout,
-    );
+    let dataverse = dataverse_client(http, dynamics, TokenCache::new(authenticator, None));
     Ok(Lifecycle {
         dataverse,
         state: ContactStateStore::memory(),

@@ -239,12 +239,7 @@ impl DataverseClient {
         deadline: Instant,
     ) -> Result<Value, DataverseError> {
         let mut url = self.entity_url(set, None);
-        if !select.is_empty() {
-            url.set_query(Some(&format!(
-                "$select={}",
-                encode_query_value(&select.join(","))
-            )));
-        }
+        with_select(&mut url, select);
         let request = Request::new(Method::POST, url)
             .json(body)
             .header("prefer", "return=representation");
@@ -327,12 +322,7 @@ impl DataverseClient {
         deadline: Instant,
     ) -> Result<Option<Value>, DataverseError> {
         let mut url = self.entity_url(set, Some(id));
-        if !select.is_empty() {
-            url.set_query(Some(&format!(
-                "$select={}",
-                encode_query_value(&select.join(","))
-            )));
-        }
+        with_select(&mut url, select);
         match self.send(Request::new(Method::GET, url), deadline).await {
             Ok(response) => read_json(response).await.map(Some),
             Err(error) if error.is_not_found() => Ok(None),
@@ -410,12 +400,7 @@ impl DataverseClient {
         deadline: Instant,
     ) -> Result<DeltaPage, DataverseError> {
         let mut url = self.entity_url(set, None);
-        if !select.is_empty() {
-            url.set_query(Some(&format!(
-                "$select={}",
-                encode_query_value(&select.join(","))
-            )));
-        }
+        with_select(&mut url, select);
         let request = Request::new(Method::GET, url).header(
             "prefer",
             format!(
@@ -642,6 +627,17 @@ impl DataverseClient {
                 None => return Err(failure),
             }
         }
+    }
+}
+
+/// Adds `$select` to a URL that has no other query options.
+fn with_select<S: AsRef<str>>(url: &mut Url, select: &[S]) {
+    if !select.is_empty() {
+        let columns: Vec<&str> = select.iter().map(AsRef::as_ref).collect();
+        url.set_query(Some(&format!(
+            "$select={}",
+            encode_query_value(&columns.join(","))
+        )));
     }
 }
 
