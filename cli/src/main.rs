@@ -84,8 +84,9 @@ fn validate(args: &[String]) -> Result<(), String> {
 /// The emulator's connection settings on top of a configuration document's
 /// behaviour (templates, record, directory): nothing leaves this machine.
 fn local_config(emulator: &Emulator, user_yaml: Option<&str>) -> Result<Config, String> {
+    // Without a configuration of its own the run shows the optional owner mapping too.
     let dynamics = format!(
-        "dynamics:\n  url: {}\n  token_url: {}\n  tenant_id: {}\n  client_id: {}\n  credential: {{ client_secret: {{ env: UNUSED_LOCALLY }} }}\n",
+        "dynamics:\n  url: {}\n  token_url: {}\n  tenant_id: {}\n  client_id: {}\n  credential: {{ client_secret: {{ env: UNUSED_LOCALLY }} }}\ncontact:\n  owner_from_agent: internalemailaddress\n",
         emulator.org_url(),
         emulator.token_url(),
         emulator.options().tenant_id,
@@ -108,9 +109,15 @@ async fn local_run(config_path: Option<String>) -> Result<(Emulator, Lifecycle),
         .map(|path| std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}")))
         .transpose()?;
     let config = local_config(&emulator, user_yaml.as_deref())?;
+    // The sample agent's Dynamics user, for the owner mapping.
+    let agent = samples::AGENT;
+    emulator.seed(
+        "systemusers",
+        serde_json::json!({"fullname": agent.name, "internalemailaddress": agent.email, "domainname": agent.email}),
+    );
     let secret = Secret::new(emulator.options().client_secret.as_str());
-    let lifecycle =
-        shared::services::local_lifecycle(config, secret, "cli").map_err(|e| e.to_string())?;
+    let lifecycle = shared::services::local_lifecycle(config, secret, samples::agents(), "cli")
+        .map_err(|e| e.to_string())?;
     Ok((emulator, lifecycle))
 }
 
@@ -359,8 +366,8 @@ async fn setup(args: &[String]) -> Result<(), String> {
         (None, false) => return Err("the configuration has no `webhook.key`".into()),
         (_, true) => Secret::new("redacted-in-this-run"),
     };
-    let lifecycle =
-        shared::services::local_lifecycle(config, secret, "cli").map_err(|e| e.to_string())?;
+    let lifecycle = shared::services::local_lifecycle(config, secret, samples::agents(), "cli")
+        .map_err(|e| e.to_string())?;
     let mut run = shared::setup::Setup {
         client: &lifecycle.dataverse,
         config: &lifecycle.config,
@@ -402,8 +409,8 @@ async fn simulate_live(args: &[String]) -> Result<(), String> {
     let secret = shared::services::resolve_secret(reference)
         .await
         .map_err(|e| e.to_string())?;
-    let lifecycle =
-        shared::services::local_lifecycle(config, secret, "cli").map_err(|e| e.to_string())?;
+    let lifecycle = shared::services::local_lifecycle(config, secret, samples::agents(), "cli")
+        .map_err(|e| e.to_string())?;
     println!("Live organisation: {}\n", lifecycle.config.dynamics.org_url);
     let mut record = None;
     for event in &samples::contact() {

@@ -1,7 +1,11 @@
 //! The sample events of one contact, shipped with the repository (`tests/fixtures`),
 //! retargeted to a fresh contact id so every run makes a new record.
 
+use std::collections::HashMap;
+
 use serde_json::Value;
+use shared::agents::Profile;
+use uuid::Uuid;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -16,6 +20,37 @@ pub struct Event {
     pub kind: Kind,
     pub title: &'static str,
     pub payload: Value,
+}
+
+pub struct SampleAgent {
+    pub id: &'static str,
+    pub username: &'static str,
+    pub email: &'static str,
+    pub name: &'static str,
+}
+
+/// The agent of the sample contact events, as Amazon Connect's DescribeUser would describe them.
+pub const AGENT: SampleAgent = SampleAgent {
+    id: "72df775f-4bad-4e6a-a431-df2e1440a45c",
+    username: "ana.silva",
+    email: "ana.silva@example.com",
+    name: "Ana Silva",
+};
+
+/// The agents a local run knows without asking Amazon Connect.
+pub fn agents() -> HashMap<Uuid, Profile> {
+    let (first, last) = AGENT.name.split_once(' ').unwrap_or((AGENT.name, ""));
+    Uuid::parse_str(AGENT.id)
+        .map(|id| {
+            let profile = Profile {
+                username: Some(AGENT.username.into()),
+                email: Some(AGENT.email.into()),
+                first_name: Some(first.into()),
+                last_name: Some(last.into()),
+            };
+            HashMap::from([(id, profile)])
+        })
+        .unwrap_or_default()
 }
 
 const FIXTURE_CONTACTS: [&str; 2] = [

@@ -2,6 +2,9 @@
 //! local runs: written from the public Web API documentation, with fault
 //! injection (429 + `Retry-After`, 5xx, latency) and a request log to assert on.
 //!
+//! Beside it, Amazon Connect's `DescribeUser` (`GET /users/{instance}/{user}`), so
+//! the agent lookup runs through the real AWS SDK client too.
+//!
 //! Start it in-process with [`Emulator::start`], or as the `dataverse-emulator` binary.
 
 mod api;
@@ -21,7 +24,7 @@ use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, post};
+use axum::routing::{any, get, post};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -119,6 +122,9 @@ struct Shared {
     throttled_until: Mutex<Option<Instant>>,
     premature: AtomicUsize,
     token_requests: AtomicUsize,
+    /// Amazon Connect users by (instance id, user id): the `User` of `DescribeUser`.
+    connect_users: Mutex<HashMap<(Uuid, Uuid), Value>>,
+    describe_user_requests: AtomicUsize,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -156,10 +162,13 @@ impl Emulator {
             throttled_until: Mutex::new(None),
             premature: AtomicUsize::new(0),
             token_requests: AtomicUsize::new(0),
+            connect_users: Mutex::new(HashMap::new()),
+            describe_user_requests: AtomicUsize::new(0),
         });
         let router = Router::new()
             .route("/{tenant}/oauth2/v2.0/token", post(token))
             .route("/api/data/v9.2/{*rest}", any(web_api))
+            .route("/users/{instance}/{user}", get(describe_user))
             .layer(DefaultBodyLimit::max(32 * 1024 * 1024))
             .with_state(shared.clone());
         let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -311,6 +320,31 @@ impl Emulator {
         self.shared.token_requests.load(Ordering::SeqCst)
     }
 
+    /// Adds an Amazon Connect user that `DescribeUser` then answers with.
+    pub fn add_connect_user(
+        &self,
+        instance: Uuid,
+        user: Uuid,
+        username: &str,
+        email: Option<&str>,
+    ) {
+        let user_value = json!({
+            "Id": user.to_string(),
+            "Arn": format!("arn:aws:connect:us-east-1:123456789012:instance/{instance}/agent/{user}"),
+            "Username": username,
+            "IdentityInfo": {"FirstName": "Agent", "LastName": username, "Email": email},
+            "PhoneConfig": {"PhoneType": "SOFT_PHONE", "AutoAccept": false, "AfterContactWorkTimeLimit": 0},
+            "SecurityProfileIds": [Uuid::new_v5(&instance, b"Agent").to_string()],
+            "RoutingProfileId": Uuid::new_v5(&instance, b"Basic Routing Profile").to_string(),
+        });
+        lock(&self.shared.connect_users).insert((instance, user), user_value);
+    }
+
+    /// `DescribeUser` calls so far.
+    pub fn describe_user_requests(&self) -> usize {
+        self.shared.describe_user_requests.load(Ordering::SeqCst)
+    }
+
     /// Requests that arrived while a `Retry-After` the emulator sent had not elapsed.
     pub fn premature_requests(&self) -> usize {
         self.shared.premature.load(Ordering::SeqCst)
@@ -381,6 +415,33 @@ fn entra_error(status: StatusCode, error: &str, code: u32, description: &str) ->
         body.to_string(),
     )
         .into_response()
+}
+
+/// Amazon Connect `DescribeUser` (restJson1; errors name their type in `x-amzn-ErrorType`).
+async fn describe_user(
+    State(shared): State<Arc<Shared>>,
+    Path((instance, user)): Path<(String, String)>,
+) -> Response {
+    shared.describe_user_requests.fetch_add(1, Ordering::SeqCst);
+    let found = match (Uuid::parse_str(&instance), Uuid::parse_str(&user)) {
+        (Ok(instance), Ok(user)) => lock(&shared.connect_users).get(&(instance, user)).cloned(),
+        _ => None,
+    };
+    let (status, error_type, body) = match found {
+        Some(user) => (StatusCode::OK, None, json!({ "User": user })),
+        None => (
+            StatusCode::NOT_FOUND,
+            Some("ResourceNotFoundException"),
+            json!({ "Message": format!("User {user} not found in instance {instance}") }),
+        ),
+    };
+    let mut response = (status, axum::Json(body)).into_response();
+    if let Some(error_type) = error_type {
+        response
+            .headers_mut()
+            .insert("x-amzn-ErrorType", HeaderValue::from_static(error_type));
+    }
+    response
 }
 
 async fn token(

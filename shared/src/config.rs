@@ -200,6 +200,11 @@ struct ContactDocument {
     /// activity party (the caller as sender of an inbound call, recipient of an outbound one).
     #[serde(default)]
     bind_customer_as: CustomerBinding,
+    /// Make the answering agent's Dynamics user the record's owner, matched by
+    /// this `systemusers` column (`internalemailaddress` against the agent's
+    /// email, else username; `domainname` against the username).
+    #[serde(default)]
+    owner_from_agent: Option<OwnerColumn>,
 }
 
 impl Default for ContactDocument {
@@ -220,6 +225,7 @@ impl Default for ContactDocument {
             flow_budget_ms: default_flow_budget_ms(),
             retry_window_minutes: default_retry_window_minutes(),
             bind_customer_as: CustomerBinding::default(),
+            owner_from_agent: None,
         }
     }
 }
@@ -248,6 +254,23 @@ pub enum CustomerBinding {
     Regarding,
     ActivityParty,
     None,
+}
+
+/// The `systemusers` column an agent is matched by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OwnerColumn {
+    Internalemailaddress,
+    Domainname,
+}
+
+impl OwnerColumn {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Internalemailaddress => "internalemailaddress",
+            Self::Domainname => "domainname",
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -392,6 +415,7 @@ pub struct ContactConfig {
     pub flow_budget: Duration,
     pub retry_window: Duration,
     pub bind_customer_as: CustomerBinding,
+    pub owner_from_agent: Option<OwnerColumn>,
 }
 
 impl Config {
@@ -510,6 +534,7 @@ impl Config {
                 flow_budget: Duration::from_millis(contact_document.flow_budget_ms),
                 retry_window: Duration::from_secs(contact_document.retry_window_minutes * 60),
                 bind_customer_as: contact_document.bind_customer_as,
+                owner_from_agent: contact_document.owner_from_agent,
             },
             directory,
             sweep_page_size,

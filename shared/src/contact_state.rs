@@ -29,6 +29,9 @@ pub struct ContactState {
     /// The caller matched in the directory, once looked up.
     pub customer: Option<Customer>,
     pub customer_looked_up: bool,
+    /// The answering agent, resolved once (username, Dynamics owner).
+    #[serde(default)]
+    pub agent: Option<crate::agents::Agent>,
     /// Columns as last written to the Dynamics record.
     pub written: Map<String, Value>,
     pub record_exists: bool,

@@ -1,5 +1,6 @@
 //! The library every connect-dynamics function stands on.
 
+pub mod agents;
 pub mod auth;
 pub mod config;
 pub mod connect;

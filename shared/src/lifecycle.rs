@@ -16,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
+use crate::agents::AgentResolver;
 use crate::config::{Config, CustomerBinding};
 use crate::connect::{ObjectCreatedDetail, Source, Step, StepFacts, record_id};
 use crate::contact_state::{ContactState, ContactStateStore};
@@ -34,6 +35,7 @@ pub struct Lifecycle {
     pub directory: Arc<CallerDirectory>,
     pub handoff: Handoff,
     pub s3: Option<aws_sdk_s3::Client>,
+    pub agents: AgentResolver,
     pub function: &'static str,
     /// First retry delay; doubles per attempt up to SQS's 15 minutes.
     pub retry_base_delay: Duration,
@@ -226,7 +228,10 @@ impl Lifecycle {
         report.record_id = Self::record_id_of(&state);
         report.customer = state.customer.clone();
 
-        let result = self.apply(&mut state, deadline).await;
+        let result = match self.resolve_agent(&mut state, deadline).await {
+            Ok(()) => self.apply(&mut state, deadline).await,
+            Err(error) => Err(ApplyError::Transient(error.to_string())),
+        };
         let after = self.dataverse.stats();
         report.dataverse_requests = after.requests - before.requests;
         report.dataverse_retries = after.retries - before.retries;
@@ -359,6 +364,33 @@ impl Lifecycle {
         }
     }
 
+    /// Resolves the agent who answered (username, Dynamics owner) once per contact;
+    /// only a passing failure (Connect throttling, Dynamics unavailable) is an error.
+    async fn resolve_agent(
+        &self,
+        state: &mut ContactState,
+        deadline: Instant,
+    ) -> Result<(), crate::agents::AgentError> {
+        // A missed CONNECTED_TO_AGENT event still leaves the agent on DISCONNECTED.
+        let Some(arn) = [&state.answered, &state.ended]
+            .into_iter()
+            .flatten()
+            .find_map(|facts| facts.values.get("agent")?.get("arn")?.as_str())
+        else {
+            return Ok(());
+        };
+        let known = crate::agents::ids_from_agent_arn(arn).map(|(_, user)| user);
+        if known.is_none() || state.agent.as_ref().map(|a| a.id) == known {
+            return Ok(());
+        }
+        let owner = self.config.contact.owner_from_agent;
+        state.agent = self
+            .agents
+            .resolve(arn, owner, &self.dataverse, deadline)
+            .await?;
+        Ok(())
+    }
+
     fn render(&self, state: &ContactState, record: Uuid) -> Result<Rendered, ApplyError> {
         let contact = &self.config.contact;
         let templates = &self.config.templates;
@@ -373,6 +405,12 @@ impl Lifecycle {
         for (step, facts, template) in steps {
             let Some(facts) = facts else { continue };
             context.extend(facts.values.clone());
+            if let (Some(agent), Some(Value::Object(agent_context))) =
+                (&state.agent, context.get_mut("agent"))
+                && agent_context.get("id").and_then(Value::as_str) == Some(&agent.id.to_string())
+            {
+                agent.extend_context(agent_context);
+            }
             if state.failed_steps.contains_key(step.name()) {
                 continue;
             }
@@ -413,6 +451,13 @@ impl Lifecycle {
                 }
                 CustomerBinding::None => {}
             }
+        }
+        if contact.owner_from_agent.is_some()
+            && let Some(owner) = state.agent.as_ref().and_then(|a| a.owner_id)
+        {
+            desired
+                .entry("ownerid@odata.bind")
+                .or_insert_with(|| Value::String(format!("/systemusers({owner})")));
         }
         let ended_ok = state.ended.is_some()
             && !state.failed_steps.contains_key(Step::Ended.name())

@@ -1,12 +1,15 @@
 //! Building a function's clients once per container, and running it on Lambda.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
 use lambda_runtime::{LambdaEvent, service_fn};
 use serde_json::Value;
+use uuid::Uuid;
 
+use crate::agents::{AgentResolver, Profile, UserSource};
 use crate::auth::Authenticator;
 use crate::config::{CONFIG_LOCATION_VAR, Config};
 use crate::contact_state::ContactStateStore;
@@ -33,9 +36,13 @@ fn required(name: &str) -> Result<String, StartupError> {
 /// Everything a lifecycle function needs, from its environment:
 /// `CONNECT_DYNAMICS_CONFIG`, `TOKEN_CACHE_TABLE`, `CONTACT_STATE_TABLE`,
 /// `DIRECTORY_TABLE`, `RETRY_QUEUE_URL`, `DEAD_LETTER_QUEUE_URL`.
+#[cfg(feature = "connect-agents")]
 pub async fn lifecycle_from_env(function: &'static str) -> Result<Lifecycle, StartupError> {
     let common = common().await?;
     Ok(Lifecycle {
+        agents: AgentResolver::new(UserSource::Connect(aws_sdk_connect::Client::new(
+            &common.aws,
+        ))),
         dataverse: common.dataverse,
         state: ContactStateStore::dynamodb(
             common.dynamodb.clone(),
@@ -101,6 +108,8 @@ where
 struct Common {
     aws: aws_config::SdkConfig,
     dynamodb: aws_sdk_dynamodb::Client,
+    /// Read by the lifecycle functions only.
+    #[cfg_attr(not(feature = "connect-agents"), expect(dead_code))]
     s3: aws_sdk_s3::Client,
     config: Config,
     dataverse: DataverseClient,
@@ -228,6 +237,7 @@ pub async fn directory_sync_from_env(
 pub fn local_lifecycle(
     config: Config,
     secret: crate::secret::Secret,
+    known_agents: HashMap<Uuid, Profile>,
     function: &'static str,
 ) -> Result<Lifecycle, StartupError> {
     let http = DataverseClient::http_client().map_err(|e| StartupError(e.to_string()))?;
@@ -241,6 +251,7 @@ pub fn local_lifecycle(
         directory: Arc::new(CallerDirectory::memory()),
         handoff: Handoff::memory(),
         s3: None,
+        agents: AgentResolver::new(UserSource::Known(known_agents)),
         config: Arc::new(config),
         function,
         retry_base_delay: std::time::Duration::ZERO,

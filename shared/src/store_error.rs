@@ -35,7 +35,9 @@ impl StoreError {
                 code.contains("Throttl")
                     || code.contains("ProvisionedThroughputExceeded")
                     || code.contains("RequestLimitExceeded")
+                    || code.contains("TooManyRequests")
                     || code.contains("InternalServerError")
+                    || code.contains("InternalServiceException")
                     || code.contains("ServiceUnavailable")
                     || code.contains("TransactionConflict")
             }

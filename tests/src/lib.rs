@@ -210,6 +210,7 @@ pub struct AwsResources {
     pub retry_queue: String,
     pub dead_letter_queue: String,
     pub bucket: String,
+    pub sdk: aws_config::SdkConfig,
 }
 
 impl AwsResources {
@@ -257,6 +258,7 @@ impl AwsResources {
             sqs,
             s3,
             bucket,
+            sdk: config,
         }
     }
 
@@ -325,10 +327,21 @@ pub fn lifecycle(
             dead_letter_queue_url: aws.dead_letter_queue.clone(),
         },
         s3: Some(aws.s3.clone()),
+        agents: connect_agents(emulator, aws),
         config: std::sync::Arc::new(config),
         function: "test",
         retry_base_delay: Duration::ZERO,
     }
+}
+
+/// Agent lookups through the AWS SDK's Connect client, answered by the emulator's `DescribeUser`.
+pub fn connect_agents(emulator: &Emulator, aws: &AwsResources) -> shared::agents::AgentResolver {
+    let client = aws_sdk_connect::Client::from_conf(
+        aws_sdk_connect::config::Builder::from(&aws.sdk)
+            .endpoint_url(emulator.org_url())
+            .build(),
+    );
+    shared::agents::AgentResolver::new(shared::agents::UserSource::Connect(client))
 }
 
 /// Feeds the retry queue's messages to contact-created until it stays empty.

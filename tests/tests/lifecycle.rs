@@ -594,3 +594,107 @@ async fn recordings_can_be_linked_with_a_bounded_presigned_url() {
         "{description}"
     );
 }
+
+const SAMPLE_INSTANCE: &str = "c714775e-f05f-4186-ad82-fe2ec415473e";
+const SAMPLE_AGENT: &str = "72df775f-4bad-4e6a-a431-df2e1440a45c";
+
+async fn run_contact(lifecycle: &Lifecycle, aws: &AwsResources) {
+    for (kind, event) in scenario(aws).await.events {
+        deliver(lifecycle, kind, event).await;
+    }
+    assert_eq!(drain_retries(lifecycle, aws).await, 0, "nothing deferred");
+}
+
+#[tokio::test]
+async fn the_agent_is_named_from_describe_user_and_owns_the_record() {
+    let emulator = emulator().await;
+    let aws = AwsResources::create().await;
+    emulator.add_connect_user(
+        SAMPLE_INSTANCE.parse().unwrap(),
+        SAMPLE_AGENT.parse().unwrap(),
+        "ana.silva",
+        Some("Ana.Silva@example.com"),
+    );
+    let owner = emulator.seed(
+        "systemusers",
+        json!({"fullname": "Ana Silva", "internalemailaddress": "ana.silva@example.com"}),
+    );
+    let lifecycle = lifecycle(
+        &emulator,
+        &aws,
+        "contact:\n  owner_from_agent: internalemailaddress\n",
+    );
+    run_contact(&lifecycle, &aws).await;
+    run_contact(&lifecycle, &aws).await;
+
+    let records = phonecalls(&emulator);
+    assert_eq!(records.len(), 2);
+    for record in &records {
+        let description = record["description"].as_str().unwrap();
+        assert!(
+            description.contains("Answered by agent ana.silva"),
+            "{description}"
+        );
+        assert_eq!(record["_ownerid_value"], owner.to_string());
+        assert_eq!(
+            record["_ownerid_value@Microsoft.Dynamics.CRM.lookuplogicalname"],
+            "systemuser"
+        );
+    }
+    assert_eq!(
+        emulator.describe_user_requests(),
+        1,
+        "one DescribeUser for two contacts of the same agent"
+    );
+    let owner_queries = emulator
+        .requests()
+        .iter()
+        .filter(|r| r.target.contains("systemusers"))
+        .count();
+    assert_eq!(owner_queries, 1, "one systemusers query for the same agent");
+    assert!(aws.dead_letters().await.is_empty());
+}
+
+#[tokio::test]
+async fn an_agent_connect_or_dynamics_does_not_know_leaves_the_id_and_the_owner() {
+    let emulator = emulator().await;
+    let aws = AwsResources::create().await;
+    let lifecycle = lifecycle(
+        &emulator,
+        &aws,
+        "contact:\n  owner_from_agent: domainname\n",
+    );
+    run_contact(&lifecycle, &aws).await;
+    let record = &phonecalls(&emulator)[0];
+    let description = record["description"].as_str().unwrap();
+    assert!(
+        description.contains(&format!("Answered by agent {SAMPLE_AGENT}")),
+        "{description}"
+    );
+    assert!(record.get("_ownerid_value").is_none());
+    assert_eq!(emulator.describe_user_requests(), 1);
+
+    // Known to Connect, unknown to Dynamics: named, owner untouched.
+    emulator.add_connect_user(
+        SAMPLE_INSTANCE.parse().unwrap(),
+        SAMPLE_AGENT.parse().unwrap(),
+        "ana.silva",
+        None,
+    );
+    let fresh = e2e::lifecycle(
+        &emulator,
+        &aws,
+        "contact:\n  owner_from_agent: domainname\n",
+    );
+    run_contact(&fresh, &aws).await;
+    let named = phonecalls(&emulator)
+        .into_iter()
+        .filter(|r| {
+            r["description"]
+                .as_str()
+                .is_some_and(|d| d.contains("Answered by agent ana.silva"))
+        })
+        .count();
+    assert_eq!(named, 1);
+    assert!(aws.dead_letters().await.is_empty());
+}
