@@ -125,6 +125,8 @@ struct Shared {
     /// Amazon Connect users by (instance id, user id): the `User` of `DescribeUser`.
     connect_users: Mutex<HashMap<(Uuid, Uuid), Value>>,
     describe_user_requests: AtomicUsize,
+    /// `DescribeUser` calls still to be answered with `ThrottlingException`.
+    describe_user_throttles: AtomicUsize,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -164,6 +166,7 @@ impl Emulator {
             token_requests: AtomicUsize::new(0),
             connect_users: Mutex::new(HashMap::new()),
             describe_user_requests: AtomicUsize::new(0),
+            describe_user_throttles: AtomicUsize::new(0),
         });
         let router = Router::new()
             .route("/{tenant}/oauth2/v2.0/token", post(token))
@@ -340,6 +343,13 @@ impl Emulator {
         lock(&self.shared.connect_users).insert((instance, user), user_value);
     }
 
+    /// Answers the next `count` `DescribeUser` calls with 429 `ThrottlingException`.
+    pub fn throttle_describe_user(&self, count: usize) {
+        self.shared
+            .describe_user_throttles
+            .store(count, Ordering::SeqCst);
+    }
+
     /// `DescribeUser` calls so far.
     pub fn describe_user_requests(&self) -> usize {
         self.shared.describe_user_requests.load(Ordering::SeqCst)
@@ -423,6 +433,22 @@ async fn describe_user(
     Path((instance, user)): Path<(String, String)>,
 ) -> Response {
     shared.describe_user_requests.fetch_add(1, Ordering::SeqCst);
+    let throttled = shared
+        .describe_user_throttles
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok();
+    if throttled {
+        let mut response = (
+            StatusCode::TOO_MANY_REQUESTS,
+            axum::Json(json!({ "Message": "Rate exceeded" })),
+        )
+            .into_response();
+        response.headers_mut().insert(
+            "x-amzn-ErrorType",
+            HeaderValue::from_static("ThrottlingException"),
+        );
+        return response;
+    }
     let found = match (Uuid::parse_str(&instance), Uuid::parse_str(&user)) {
         (Ok(instance), Ok(user)) => lock(&shared.connect_users).get(&(instance, user)).cloned(),
         _ => None,

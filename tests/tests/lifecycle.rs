@@ -698,3 +698,34 @@ async fn an_agent_connect_or_dynamics_does_not_know_leaves_the_id_and_the_owner(
     assert_eq!(named, 1);
     assert!(aws.dead_letters().await.is_empty());
 }
+
+#[tokio::test]
+async fn a_throttled_describe_user_defers_the_update_until_connect_answers() {
+    let emulator = emulator().await;
+    let aws = AwsResources::create().await;
+    emulator.add_connect_user(
+        SAMPLE_INSTANCE.parse().unwrap(),
+        SAMPLE_AGENT.parse().unwrap(),
+        "ana.silva",
+        None,
+    );
+    // More throttles than the SDK's own three attempts absorb.
+    emulator.throttle_describe_user(4);
+    let lifecycle = lifecycle(&emulator, &aws, "");
+    let scenario = scenario(&aws).await;
+    for (kind, event) in scenario.events {
+        deliver(&lifecycle, kind, event).await;
+    }
+    assert!(
+        drain_retries(&lifecycle, &aws).await >= 1,
+        "the update was deferred"
+    );
+    let record = &phonecalls(&emulator)[0];
+    let description = record["description"].as_str().unwrap();
+    assert!(
+        description.contains("Answered by agent ana.silva"),
+        "{description}"
+    );
+    assert_eq!(record["statecode"], 1, "closed once everything was written");
+    assert!(aws.dead_letters().await.is_empty());
+}
