@@ -1,6 +1,9 @@
 //! Support for the end-to-end tests: the Dataverse emulator, moto_server for the
 //! AWS services, and clients wired to both exactly as the functions wire theirs.
 
+pub mod contact;
+pub mod crash_proxy;
+
 use std::time::{Duration, Instant};
 
 use aws_sdk_dynamodb::types::{
@@ -79,6 +82,11 @@ pub async fn emulator_with(options: EmulatorOptions) -> Emulator {
 /// A configuration document for the emulator (client secret from an env var the
 /// tests never set: they hand the secret over directly).
 pub fn config_yaml(emulator: &Emulator) -> String {
+    config_yaml_via(emulator, &emulator.org_url())
+}
+
+/// The same document with every Dynamics URL on `base` (a proxy in front of the emulator).
+pub fn config_yaml_via(emulator: &Emulator, base: &str) -> String {
     format!(
         "dynamics:
   url: {org}
@@ -90,8 +98,8 @@ pub fn config_yaml(emulator: &Emulator) -> String {
 phone:
   default_country_code: \"44\"
 ",
-        org = emulator.org_url(),
-        token = emulator.token_url(),
+        org = base,
+        token = format!("{base}/{}/oauth2/v2.0/token", emulator.options().tenant_id),
         tenant = emulator.options().tenant_id,
         client = emulator.options().client_id,
     )
@@ -104,7 +112,13 @@ pub fn config(emulator: &Emulator) -> Config {
 /// A client as one container would build it: its own HTTP pool and token cache,
 /// shared through DynamoDB when a store is given.
 pub fn client(emulator: &Emulator, store: Option<TokenStore>) -> DataverseClient {
-    let config = config(emulator);
+    client_via(emulator, &emulator.org_url(), store)
+}
+
+/// A Dataverse client whose requests go to `base` (a proxy in front of the emulator).
+pub fn client_via(emulator: &Emulator, base: &str, store: Option<TokenStore>) -> DataverseClient {
+    let config = Config::from_yaml(&config_yaml_via(emulator, base))
+        .expect("the test configuration is valid");
     let http = DataverseClient::http_client().expect("http client");
     let authenticator = Authenticator::new(http.clone(), &config.dynamics, None)
         .with_secret(Secret::new(emulator.options().client_secret.as_str()));
@@ -213,21 +227,51 @@ pub struct AwsResources {
     pub sdk: aws_config::SdkConfig,
 }
 
+type Clients = (
+    aws_sdk_dynamodb::Client,
+    aws_sdk_sqs::Client,
+    aws_sdk_s3::Client,
+);
+
+fn clients(config: &aws_config::SdkConfig, dynamodb_requests: &RequestCounter) -> Clients {
+    let dynamodb = aws_sdk_dynamodb::Client::from_conf(
+        aws_sdk_dynamodb::config::Builder::from(config)
+            .interceptor(dynamodb_requests.clone())
+            .build(),
+    );
+    let sqs = aws_sdk_sqs::Client::new(config);
+    let s3 = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(config)
+            .force_path_style(true)
+            .build(),
+    );
+    (dynamodb, sqs, s3)
+}
+
 impl AwsResources {
+    /// The same tables, queues and bucket, reached through `endpoint` (a proxy in front of moto_server).
+    pub fn through(&self, endpoint: &str) -> Self {
+        let sdk = self.sdk.to_builder().endpoint_url(endpoint).build();
+        let (dynamodb, sqs, s3) = clients(&sdk, &self.dynamodb_requests);
+        Self {
+            dynamodb,
+            sqs,
+            s3,
+            sdk,
+            dynamodb_requests: self.dynamodb_requests.clone(),
+            token_table: self.token_table.clone(),
+            state_table: self.state_table.clone(),
+            directory_table: self.directory_table.clone(),
+            retry_queue: self.retry_queue.clone(),
+            dead_letter_queue: self.dead_letter_queue.clone(),
+            bucket: self.bucket.clone(),
+        }
+    }
+
     pub async fn create() -> Self {
         let config = aws_config().await;
         let dynamodb_requests = RequestCounter::default();
-        let dynamodb = aws_sdk_dynamodb::Client::from_conf(
-            aws_sdk_dynamodb::config::Builder::from(&config)
-                .interceptor(dynamodb_requests.clone())
-                .build(),
-        );
-        let sqs = aws_sdk_sqs::Client::new(&config);
-        let s3 = aws_sdk_s3::Client::from_conf(
-            aws_sdk_s3::config::Builder::from(&config)
-                .force_path_style(true)
-                .build(),
-        );
+        let (dynamodb, sqs, s3) = clients(&config, &dynamodb_requests);
         let suffix = uuid::Uuid::new_v4().simple().to_string();
         let queue = |name: String| {
             let sqs = sqs.clone();
@@ -308,11 +352,22 @@ pub fn lifecycle(
     aws: &AwsResources,
     yaml_extra: &str,
 ) -> shared::lifecycle::Lifecycle {
-    let yaml = format!("{}{yaml_extra}", config_yaml(emulator));
+    lifecycle_via(emulator, &emulator.org_url(), aws, yaml_extra)
+}
+
+/// A lifecycle whose Dynamics and Amazon Connect requests go to `base` (a proxy in
+/// front of the emulator); its AWS clients are `aws`'s.
+pub fn lifecycle_via(
+    emulator: &Emulator,
+    base: &str,
+    aws: &AwsResources,
+    yaml_extra: &str,
+) -> shared::lifecycle::Lifecycle {
+    let yaml = format!("{}{yaml_extra}", config_yaml_via(emulator, base));
     let config = Config::from_yaml(&yaml).expect("the test configuration is valid");
     let store = token_store(&aws.dynamodb, &aws.token_table, emulator);
     shared::lifecycle::Lifecycle {
-        dataverse: client(emulator, Some(store)),
+        dataverse: client_via(emulator, base, Some(store)),
         state: shared::contact_state::ContactStateStore::dynamodb(
             aws.dynamodb.clone(),
             &aws.state_table,
@@ -327,7 +382,7 @@ pub fn lifecycle(
             dead_letter_queue_url: aws.dead_letter_queue.clone(),
         },
         s3: Some(aws.s3.clone()),
-        agents: connect_agents(emulator, aws),
+        agents: connect_agents(base, aws),
         config: std::sync::Arc::new(config),
         function: "test",
         retry_base_delay: Duration::ZERO,
@@ -335,10 +390,10 @@ pub fn lifecycle(
 }
 
 /// Agent lookups through the AWS SDK's Connect client, answered by the emulator's `DescribeUser`.
-pub fn connect_agents(emulator: &Emulator, aws: &AwsResources) -> shared::agents::AgentResolver {
+pub fn connect_agents(base: &str, aws: &AwsResources) -> shared::agents::AgentResolver {
     let client = aws_sdk_connect::Client::from_conf(
         aws_sdk_connect::config::Builder::from(&aws.sdk)
-            .endpoint_url(emulator.org_url())
+            .endpoint_url(base)
             .build(),
     );
     shared::agents::AgentResolver::new(shared::agents::UserSource::Connect(client))

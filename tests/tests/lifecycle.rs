@@ -3,133 +3,12 @@
 
 use std::time::{Duration, Instant};
 
-use dataverse_emulator::{Emulator, Faults};
+use dataverse_emulator::Faults;
+use e2e::contact::{Kind, deliver, fastrand_like, notes, phonecalls, reference_record, scenario};
 use e2e::{AwsResources, deadline, drain_retries, emulator, fixture, lifecycle};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use shared::handlers;
 use shared::lifecycle::Lifecycle;
-
-const FIXTURE_CONTACTS: [&str; 3] = [
-    "aee46de9-1e0c-428c-aa82-afe11b6ad2c5",
-    "16d9dbc3-3863-4327-b67e-d0f31673139e",
-    "8677c433-2692-4adf-985d-803bd5cd55e1",
-];
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Kind {
-    Flow,
-    Initiated,
-    Answered,
-    Ended,
-    Recording,
-}
-
-/// One contact's events, all naming the same contact.
-struct Scenario {
-    contact_id: String,
-    events: Vec<(Kind, Value)>,
-}
-
-fn retarget(event: Value, contact_id: &str, bucket: &str) -> Value {
-    let mut text = event.to_string();
-    for fixture_contact in FIXTURE_CONTACTS {
-        text = text.replace(fixture_contact, contact_id);
-    }
-    text = text.replace("example-connect-transcripts", bucket).replace(
-        "\"initiationMethod\":\"OUTBOUND\"",
-        "\"initiationMethod\":\"INBOUND\"",
-    );
-    serde_json::from_str(&text).unwrap()
-}
-
-async fn scenario(aws: &AwsResources) -> Scenario {
-    let contact_id = uuid::Uuid::new_v4().to_string();
-    let recording = retarget(fixture("s3-object-created.json"), &contact_id, &aws.bucket);
-    let key = recording["detail"]["object"]["key"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let transcript = json!({"Transcript": [
-        {"Content": "Hello, my luggage is lost", "ParticipantRole": "CUSTOMER", "DisplayName": "Nadia"},
-        {"Content": "Let me check that for you", "ParticipantRole": "AGENT", "DisplayName": "Sam"}
-    ]});
-    aws.s3
-        .put_object()
-        .bucket(&aws.bucket)
-        .key(&key)
-        .body(transcript.to_string().into_bytes().into())
-        .send()
-        .await
-        .unwrap();
-    let events = vec![
-        (
-            Kind::Flow,
-            retarget(fixture("connect-flow-event.json"), &contact_id, &aws.bucket),
-        ),
-        (
-            Kind::Initiated,
-            retarget(
-                fixture("connect-contact-event-initiated.constructed.json"),
-                &contact_id,
-                &aws.bucket,
-            ),
-        ),
-        (
-            Kind::Answered,
-            retarget(
-                fixture("connect-contact-event-connected-to-agent.json"),
-                &contact_id,
-                &aws.bucket,
-            ),
-        ),
-        (
-            Kind::Ended,
-            retarget(
-                fixture("connect-contact-event-disconnected.json"),
-                &contact_id,
-                &aws.bucket,
-            ),
-        ),
-        (Kind::Recording, recording),
-    ];
-    Scenario { contact_id, events }
-}
-
-async fn deliver(lifecycle: &Lifecycle, kind: Kind, event: Value) -> Value {
-    let result = match kind {
-        Kind::Flow | Kind::Initiated => {
-            handlers::contact_created(lifecycle, event, deadline(8)).await
-        }
-        Kind::Answered | Kind::Ended => {
-            handlers::contact_event(lifecycle, event, deadline(30)).await
-        }
-        Kind::Recording => handlers::recording_available(lifecycle, event, deadline(30)).await,
-    };
-    result.unwrap_or_else(|e| panic!("{kind:?} failed: {e}"))
-}
-
-/// The activity records, without the columns Dataverse stamps on every write.
-fn phonecalls(emulator: &Emulator) -> Vec<Map<String, Value>> {
-    emulator
-        .records("phonecalls")
-        .into_iter()
-        .map(|record| {
-            let mut record = record.as_object().unwrap().clone();
-            for volatile in ["createdon", "modifiedon", "versionnumber"] {
-                record.remove(volatile);
-            }
-            record
-        })
-        .collect()
-}
-
-fn notes(emulator: &Emulator) -> Vec<String> {
-    emulator
-        .records("annotations")
-        .iter()
-        .map(|n| n["notetext"].as_str().unwrap_or_default().to_owned())
-        .collect()
-}
 
 #[tokio::test]
 async fn in_order_lifecycle_builds_one_complete_record() {
@@ -213,19 +92,6 @@ async fn in_order_lifecycle_builds_one_complete_record() {
     assert!(aws.dead_letters().await.is_empty());
 }
 
-async fn reference_record(
-    scenario_events: &[(Kind, Value)],
-) -> (Vec<Map<String, Value>>, Vec<String>) {
-    let emulator = emulator().await;
-    let aws = AwsResources::create().await;
-    let lifecycle = lifecycle(&emulator, &aws, "");
-    for (kind, event) in scenario_events {
-        deliver(&lifecycle, *kind, event.clone()).await;
-    }
-    drain_retries(&lifecycle, &aws).await;
-    (phonecalls(&emulator), notes(&emulator))
-}
-
 /// Every event 1-3 times, in seeded random orders, sequentially and concurrently:
 /// the final record equals the in-order one, field by field.
 #[tokio::test]
@@ -280,20 +146,6 @@ async fn shuffled_and_duplicated_delivery_gives_the_in_order_record() {
             aws.dead_letters().await.is_empty(),
             "seed {seed}: nothing dead-lettered"
         );
-    }
-}
-
-/// A tiny deterministic generator (xorshift), so a failing seed replays.
-struct Rng(u64);
-fn fastrand_like(seed: u64) -> Rng {
-    Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-}
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
     }
 }
 
