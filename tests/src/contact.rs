@@ -164,7 +164,7 @@ pub fn fastrand_like(seed: u64) -> Rng {
     Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
 }
 impl Rng {
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;

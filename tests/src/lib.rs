@@ -90,7 +90,7 @@ pub fn config_yaml_via(emulator: &Emulator, base: &str) -> String {
     format!(
         "dynamics:
   url: {org}
-  token_url: {token}
+  token_url: {base}/{tenant}/oauth2/v2.0/token
   tenant_id: {tenant}
   client_id: {client}
   credential: {{ client_secret: {{ env: CONNECT_DYNAMICS_TEST_SECRET }} }}
@@ -99,7 +99,6 @@ phone:
   default_country_code: \"44\"
 ",
         org = base,
-        token = format!("{base}/{}/oauth2/v2.0/token", emulator.options().tenant_id),
         tenant = emulator.options().tenant_id,
         client = emulator.options().client_id,
     )

@@ -107,12 +107,12 @@ async fn shuffled_and_duplicated_delivery_gives_the_in_order_record() {
         let mut rng = fastrand_like(seed);
         let mut deliveries: Vec<(Kind, Value)> = Vec::new();
         for (kind, event) in &scenario.events {
-            for _ in 0..(1 + rng.next() % 3) {
+            for _ in 0..(1 + rng.next_u64() % 3) {
                 deliveries.push((*kind, event.clone()));
             }
         }
         for i in (1..deliveries.len()).rev() {
-            deliveries.swap(i, (rng.next() % (i as u64 + 1)) as usize);
+            deliveries.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
         }
         let order: Vec<Kind> = deliveries.iter().map(|(k, _)| *k).collect();
         if seed % 2 == 0 {
