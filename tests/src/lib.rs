@@ -3,6 +3,7 @@
 
 pub mod contact;
 pub mod crash_proxy;
+pub mod runtime_api;
 
 use std::time::{Duration, Instant};
 
@@ -180,7 +181,11 @@ impl aws_sdk_dynamodb::config::Intercept for RequestCounter {
     }
 }
 
-async fn create_table(client: &aws_sdk_dynamodb::Client, prefix: &str, keys: &[&str]) -> String {
+pub async fn create_table(
+    client: &aws_sdk_dynamodb::Client,
+    prefix: &str,
+    keys: &[&str],
+) -> String {
     let name = format!("{prefix}-{}", uuid::Uuid::new_v4().simple());
     let mut request = client
         .create_table()

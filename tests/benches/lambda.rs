@@ -1,0 +1,544 @@
+//! Benchmark (not a test): the six release binaries run as Lambda runs them,
+//! against a Lambda Runtime API stand-in, the Dataverse emulator (zero added
+//! latency unless stated) and moto_server.
+//!
+//! Measures cold start (process start -> first `invocation/next`, -> first event
+//! answered), binary size and peak RSS, CPU per warm event, round trips per contact
+//! lifecycle (caller matched, owner mapped, warm containers), a 100-process token
+//! stampede, and in-process throughput with 0 and 100 ms Dynamics latency.
+//! Prints Markdown tables and writes `target/bench/lambda.json`.
+//!
+//! Run: `bash tests/bench lambda [contacts]` (builds the release binaries, starts moto_server).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dataverse_emulator::{Emulator, EmulatorOptions, Faults};
+use e2e::contact::{Kind, handle, retarget};
+use e2e::crash_proxy::CrashProxy;
+use e2e::runtime_api::RuntimeApi;
+use e2e::{AwsResources, aws_endpoint, config_yaml_via, emulator, emulator_with, fixture};
+use serde_json::{Value, json};
+
+const FUNCTIONS: [&str; 6] = [
+    "sync-sweep",
+    "record-saved",
+    "contact-created",
+    "contact-answered",
+    "contact-ended",
+    "recording-available",
+];
+const SECRET_VAR: &str = "CONNECT_DYNAMICS_TEST_SECRET";
+const WEBHOOK_VAR: &str = "CONNECT_DYNAMICS_TEST_WEBHOOK_KEY";
+const WEBHOOK_KEY: &str = "bench-webhook-key";
+const AGENT_INSTANCE: &str = "c714775e-f05f-4186-ad82-fe2ec415473e";
+const AGENT: &str = "72df775f-4bad-4e6a-a431-df2e1440a45c";
+const CALLER: &str = "+447700900123";
+
+fn release_binary(name: &str) -> PathBuf {
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target")));
+    target.join("release").join(name)
+}
+
+/// user + system CPU seconds of a process (`/proc/<pid>/stat`, clock ticks of 10 ms).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which sits in parentheses.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn peak_rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+struct Process {
+    name: &'static str,
+    child: Child,
+    runtime: RuntimeApi,
+    started: Instant,
+}
+
+impl Process {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    async fn invoke(&self, event: Value) -> Value {
+        match self.runtime.invoke(event, Duration::from_secs(60)).await {
+            Some(Ok(answer)) => answer,
+            Some(Err(error)) => panic!("{} answered an error: {error}", self.name),
+            None => panic!(
+                "{} gave no answer (init error: {:?})",
+                self.name,
+                self.runtime.init_error()
+            ),
+        }
+    }
+}
+
+async fn spawn(name: &'static str, env: &[(String, String)]) -> Process {
+    let runtime = RuntimeApi::start().await;
+    let binary = release_binary(name);
+    let started = Instant::now();
+    let child = Command::new(&binary)
+        .envs(env.iter().cloned())
+        .env("AWS_LAMBDA_RUNTIME_API", runtime.address())
+        .env("AWS_LAMBDA_FUNCTION_NAME", name)
+        .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
+        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "256")
+        .env("AWS_LAMBDA_LOG_GROUP_NAME", format!("/aws/lambda/{name}"))
+        .env("AWS_LAMBDA_LOG_STREAM_NAME", "bench")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "{}: {e} (build it: cargo build --release -p {name})",
+                binary.display()
+            )
+        });
+    Process {
+        name,
+        child,
+        runtime,
+        started,
+    }
+}
+
+/// The environment the SAM template gives the functions, pointed at the stand-ins.
+async fn function_env(
+    emulator: &Emulator,
+    aws: &AwsResources,
+    endpoint: &str,
+    dynamics: &str,
+    extra_yaml: &str,
+) -> Vec<(String, String)> {
+    let yaml = format!(
+        "{}contact:\n  owner_from_agent: internalemailaddress\nwebhook:\n  key: {{ env: {WEBHOOK_VAR} }}\n{extra_yaml}",
+        config_yaml_via(emulator, dynamics)
+    );
+    let path = std::env::temp_dir().join(format!("bench-config-{}.yaml", uuid::Uuid::new_v4()));
+    std::fs::write(&path, yaml).expect("write the bench configuration");
+    let checkpoints = e2e::create_table(&aws.dynamodb, "checkpoints", &["entity"]).await;
+    [
+        ("CONNECT_DYNAMICS_CONFIG", path.display().to_string()),
+        (SECRET_VAR, emulator.options().client_secret.clone()),
+        (WEBHOOK_VAR, WEBHOOK_KEY.into()),
+        ("TOKEN_CACHE_TABLE", aws.token_table.clone()),
+        ("CONTACT_STATE_TABLE", aws.state_table.clone()),
+        ("DIRECTORY_TABLE", aws.directory_table.clone()),
+        ("CHECKPOINT_TABLE", checkpoints),
+        ("RETRY_QUEUE_URL", aws.retry_queue.clone()),
+        ("DEAD_LETTER_QUEUE_URL", aws.dead_letter_queue.clone()),
+        ("AWS_ENDPOINT_URL", endpoint.into()),
+        ("AWS_ENDPOINT_URL_CONNECT", dynamics.into()),
+        ("AWS_REGION", "us-east-1".into()),
+        ("AWS_ACCESS_KEY_ID", "testing".into()),
+        ("AWS_SECRET_ACCESS_KEY", "testing".into()),
+        ("AWS_EC2_METADATA_DISABLED", "true".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
+/// The events of one contact for each lifecycle function, with a fresh contact id.
+fn contact_events(bucket: &str) -> Vec<(&'static str, Kind, Value)> {
+    let contact = uuid::Uuid::new_v4().to_string();
+    vec![
+        (
+            "contact-created",
+            Kind::Flow,
+            retarget(fixture("connect-flow-event.json"), &contact, bucket),
+        ),
+        (
+            "contact-answered",
+            Kind::Answered,
+            retarget(
+                fixture("connect-contact-event-connected-to-agent.json"),
+                &contact,
+                bucket,
+            ),
+        ),
+        (
+            "contact-ended",
+            Kind::Ended,
+            retarget(
+                fixture("connect-contact-event-disconnected.json"),
+                &contact,
+                bucket,
+            ),
+        ),
+        (
+            "recording-available",
+            Kind::Recording,
+            retarget(
+                fixture("s3-object-created-connect-recording.constructed.json"),
+                &contact,
+                bucket,
+            ),
+        ),
+    ]
+}
+
+fn webhook_event(id: uuid::Uuid) -> Value {
+    let body = fixture("dynamics-webhook-update.json")
+        .to_string()
+        .replace("374cca32-b347-4e5a-8fa6-11098c82c9a5", &id.to_string());
+    json!({
+        "version": "2.0",
+        "rawPath": "/",
+        "headers": {"content-type": "application/json"},
+        "queryStringParameters": {"code": WEBHOOK_KEY},
+        "requestContext": {"http": {"method": "POST"}},
+        "body": body,
+        "isBase64Encoded": false,
+    })
+}
+
+fn scheduled_event() -> Value {
+    json!({"version": "0", "id": uuid::Uuid::new_v4().to_string(), "detail-type": "Scheduled Event", "source": "aws.events", "account": "123456789012", "time": "2026-11-23T00:00:00Z", "region": "us-east-1", "resources": [], "detail": {}})
+}
+
+/// Requests by service, from the proxy's labels.
+fn by_service(labels: &[String]) -> BTreeMap<&'static str, usize> {
+    let mut counts = BTreeMap::new();
+    for label in labels {
+        let service = if label.starts_with("dynamodb") {
+            "DynamoDB"
+        } else if label.starts_with("sqs") {
+            "SQS"
+        } else if label.contains("/oauth2/") {
+            "token (Entra)"
+        } else if label.contains("/api/data/") {
+            "Dataverse"
+        } else if label.contains(" /users/") {
+            "Connect DescribeUser"
+        } else {
+            "S3"
+        };
+        *counts.entry(service).or_insert(0) += 1;
+    }
+    counts
+}
+
+#[tokio::main]
+async fn main() {
+    let contacts: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(100);
+    let mut json_out = serde_json::Map::new();
+
+    // ---------------------------------------------------------- deployment
+    let emulator = emulator().await;
+    let aws = AwsResources::create().await;
+    let proxy = CrashProxy::start(emulator.org_url(), aws_endpoint(), None).await;
+    let env = function_env(&emulator, &aws, proxy.url(), proxy.url(), "").await;
+    emulator.add_connect_user(
+        AGENT_INSTANCE.parse().unwrap(),
+        AGENT.parse().unwrap(),
+        "ana.silva",
+        Some("ana.silva@example.com"),
+    );
+    emulator.seed(
+        "systemusers",
+        json!({"fullname": "Ana Silva", "internalemailaddress": "ana.silva@example.com"}),
+    );
+    let customer = emulator.seed(
+        "contacts",
+        json!({"firstname": "Maren", "lastname": "Holt", "mobilephone": CALLER}),
+    );
+
+    // ---------------------------------------------------------- cold starts
+    println!("\n## Cold start (release binaries, Runtime API stand-in)\n");
+    println!(
+        "| function | binary size | to first `next` | to first event answered | peak RSS after it |"
+    );
+    println!("|---|---|---|---|---|");
+    let first_contact = contact_events(&aws.bucket);
+    let mut processes: BTreeMap<&'static str, Process> = BTreeMap::new();
+    let mut cold = Vec::new();
+    for name in FUNCTIONS {
+        let process = spawn(name, &env).await;
+        let event = match name {
+            "sync-sweep" => scheduled_event(),
+            "record-saved" => webhook_event(customer),
+            _ => first_contact
+                .iter()
+                .find(|(function, _, _)| *function == name)
+                .map(|(_, _, event)| event.clone())
+                .expect("an event per lifecycle function"),
+        };
+        // Wait for the first poll without handing the event over yet.
+        while process.runtime.first_poll().is_none() {
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        let polled = process.runtime.first_poll().unwrap() - process.started;
+        process.invoke(event).await;
+        let answered = process.started.elapsed();
+        let size = std::fs::metadata(release_binary(name)).map_or(0, |m| m.len());
+        let rss = peak_rss_mib(process.pid());
+        println!(
+            "| {name} | {:.1} MB | {:.1} ms | {:.1} ms | {rss:.1} MiB |",
+            size as f64 / 1e6,
+            polled.as_secs_f64() * 1000.0,
+            answered.as_secs_f64() * 1000.0
+        );
+        cold.push(json!({"function": name, "binary_bytes": size, "to_first_next_ms": polled.as_secs_f64() * 1000.0, "to_first_answer_ms": answered.as_secs_f64() * 1000.0, "peak_rss_mib": rss}));
+        processes.insert(name, process);
+    }
+    json_out.insert("cold_start".into(), Value::Array(cold));
+
+    // ---------------------------------------------------------- warm: CPU and round trips
+    let cpu_before: BTreeMap<&str, f64> = processes
+        .iter()
+        .map(|(name, p)| (*name, cpu_seconds(p.pid())))
+        .collect();
+    let labels_before = proxy.labels().len();
+    let dataverse_before = emulator.requests().len();
+    let tokens_before = emulator.token_requests();
+    let mut wall: BTreeMap<&str, Duration> = BTreeMap::new();
+    for _ in 0..contacts {
+        for (name, _, event) in contact_events(&aws.bucket) {
+            let started = Instant::now();
+            let answer = processes[name].invoke(event).await;
+            *wall.entry(name).or_default() += started.elapsed();
+            if name == "contact-created" {
+                assert_eq!(answer["dynamics_status"], "created", "{answer}");
+                assert_eq!(answer["dynamics_customer_matched"], "true", "{answer}");
+            }
+        }
+    }
+    let lifecycle_labels: Vec<String> = proxy.labels()[labels_before..].to_vec();
+    let lifecycle_dataverse = emulator.requests().len() - dataverse_before;
+    let lifecycle_tokens = emulator.token_requests() - tokens_before;
+    for _ in 0..contacts {
+        let started = Instant::now();
+        processes["record-saved"]
+            .invoke(webhook_event(customer))
+            .await;
+        *wall.entry("record-saved").or_default() += started.elapsed();
+    }
+    let sweeps = 20.min(contacts);
+    for _ in 0..sweeps {
+        let started = Instant::now();
+        processes["sync-sweep"].invoke(scheduled_event()).await;
+        *wall.entry("sync-sweep").or_default() += started.elapsed();
+    }
+
+    println!("\n## Warm events ({contacts} contacts; {sweeps} delta sweeps)\n");
+    println!(
+        "| function | CPU per event | events/s per core (CPU bound) | wall per event (with moto_server) | peak RSS |"
+    );
+    println!("|---|---|---|---|---|");
+    let mut warm = Vec::new();
+    for name in FUNCTIONS {
+        let process = &processes[name];
+        let events = if name == "sync-sweep" {
+            sweeps
+        } else {
+            contacts
+        };
+        let cpu = (cpu_seconds(process.pid()) - cpu_before[name]) / events as f64;
+        let wall_ms = wall[name].as_secs_f64() * 1000.0 / events as f64;
+        let rss = peak_rss_mib(process.pid());
+        println!(
+            "| {name} | {:.2} ms | {:.0} | {wall_ms:.1} ms | {rss:.1} MiB |",
+            cpu * 1000.0,
+            if cpu > 0.0 { 1.0 / cpu } else { f64::INFINITY }
+        );
+        warm.push(json!({"function": name, "events": events, "cpu_ms_per_event": cpu * 1000.0, "wall_ms_per_event": wall_ms, "peak_rss_mib": rss}));
+    }
+    json_out.insert("warm".into(), Value::Array(warm));
+
+    println!(
+        "\n## Round trips per contact lifecycle (warm, caller matched, owner mapped; {contacts} contacts)\n"
+    );
+    println!("| service | requests per lifecycle |");
+    println!("|---|---|");
+    let mut trips = serde_json::Map::new();
+    for (service, count) in by_service(&lifecycle_labels) {
+        let per = count as f64 / contacts as f64;
+        println!("| {service} | {per:.2} |");
+        trips.insert(service.into(), json!(per));
+    }
+    println!(
+        "(Dataverse as logged by the emulator: {:.2}; token requests: {lifecycle_tokens} in all)",
+        lifecycle_dataverse as f64 / contacts as f64
+    );
+    json_out.insert("round_trips_per_lifecycle".into(), Value::Object(trips));
+    for (_, mut process) in processes {
+        let _ = process.child.kill();
+    }
+
+    // ---------------------------------------------------------- token stampede
+    let stampede = stampede().await;
+    json_out.insert("token_stampede".into(), stampede);
+
+    // ---------------------------------------------------------- in-process throughput
+    let throughput = throughput(&aws).await;
+    json_out.insert("throughput".into(), throughput);
+
+    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/bench"));
+    let _ = std::fs::create_dir_all(&dir);
+    let path = dir.join("lambda.json");
+    let _ = std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&json_out).unwrap_or_default(),
+    );
+    println!("\nJSON: {}", path.display());
+}
+
+/// 100 contact-created processes start at once with an empty token cache; each
+/// gets a flow event for its own contact.
+async fn stampede() -> Value {
+    const PROCESSES: usize = 100;
+    let emulator = emulator_with(EmulatorOptions {
+        token_latency: Duration::from_millis(200),
+        ..EmulatorOptions::default()
+    })
+    .await;
+    let fresh = AwsResources::create().await;
+    let env = function_env(&emulator, &fresh, &aws_endpoint(), &emulator.org_url(), "").await;
+    let started = Instant::now();
+    let mut processes = Vec::new();
+    for _ in 0..PROCESSES {
+        processes.push(Arc::new(spawn("contact-created", &env).await));
+    }
+    let spawned = started.elapsed();
+    let mut tasks = tokio::task::JoinSet::new();
+    for process in &processes {
+        let process = process.clone();
+        let event = contact_events(&fresh.bucket).remove(0).2;
+        tasks.spawn(async move {
+            let answer = process.invoke(event).await;
+            (
+                answer["dynamics_status"].as_str().unwrap_or("?").to_owned(),
+                Instant::now(),
+            )
+        });
+    }
+    let mut statuses: BTreeMap<String, usize> = BTreeMap::new();
+    let mut last = started;
+    while let Some(result) = tasks.join_next().await {
+        let (status, at) = result.expect("no panic");
+        *statuses.entry(status).or_default() += 1;
+        last = last.max(at);
+    }
+    let all = last - started;
+    let tokens = emulator.token_requests();
+    println!(
+        "\n## Token stampede ({PROCESSES} contact-created processes, empty token cache, 200 ms Entra latency)\n"
+    );
+    println!(
+        "| token requests | all processes spawned after | all answered (created with a token) after | answers |"
+    );
+    println!("|---|---|---|---|");
+    println!(
+        "| {tokens} | {:.0} ms | {:.0} ms | {statuses:?} |",
+        spawned.as_secs_f64() * 1000.0,
+        all.as_secs_f64() * 1000.0
+    );
+    for process in processes {
+        if let Ok(mut process) = Arc::try_unwrap(process) {
+            let _ = process.child.kill();
+        }
+    }
+    json!({"processes": PROCESSES, "token_requests": tokens, "spawned_ms": spawned.as_secs_f64() * 1000.0, "all_answered_ms": all.as_secs_f64() * 1000.0, "statuses": statuses})
+}
+
+/// One warm container's handler code in-process: contact creations at several
+/// concurrency levels, with 0 and 100 ms added to every Dynamics request.
+async fn throughput(aws: &AwsResources) -> Value {
+    println!(
+        "\n## Throughput of one container (in-process handler, contact creation from the flow)\n"
+    );
+    println!(
+        "| Dynamics latency | concurrent events | events/s | mean latency | in flight (events/s x latency) |"
+    );
+    println!("|---|---|---|---|---|");
+    let mut rows = Vec::new();
+    for latency_ms in [0u64, 100] {
+        let emulator = emulator().await;
+        let lifecycle = Arc::new(e2e::lifecycle(&emulator, aws, ""));
+        // Warm: token and clients ready.
+        handle(
+            &lifecycle,
+            Kind::Flow,
+            contact_events(&aws.bucket).remove(0).2,
+            e2e::deadline(8),
+        )
+        .await
+        .expect("warm-up");
+        emulator.set_faults(Faults {
+            latency: Duration::from_millis(latency_ms),
+            ..Faults::default()
+        });
+        for concurrency in [1usize, 10, 50] {
+            let events = concurrency * 4;
+            let started = Instant::now();
+            let mut tasks = tokio::task::JoinSet::new();
+            let queue = Arc::new(std::sync::Mutex::new(
+                (0..events)
+                    .map(|_| contact_events(&aws.bucket).remove(0).2)
+                    .collect::<Vec<_>>(),
+            ));
+            let total_latency = Arc::new(std::sync::Mutex::new(Duration::ZERO));
+            for _ in 0..concurrency {
+                let lifecycle = lifecycle.clone();
+                let queue = queue.clone();
+                let total_latency = total_latency.clone();
+                tasks.spawn(async move {
+                    loop {
+                        let Some(event) = queue.lock().unwrap().pop() else {
+                            break;
+                        };
+                        let began = Instant::now();
+                        let answer = handle(&lifecycle, Kind::Flow, event, e2e::deadline(8))
+                            .await
+                            .expect("handled");
+                        assert_eq!(answer["dynamics_status"], "created", "{answer}");
+                        *total_latency.lock().unwrap() += began.elapsed();
+                    }
+                });
+            }
+            while tasks.join_next().await.is_some() {}
+            let elapsed = started.elapsed().as_secs_f64();
+            let rate = events as f64 / elapsed;
+            let mean = total_latency.lock().unwrap().as_secs_f64() / events as f64;
+            println!(
+                "| {latency_ms} ms | {concurrency} | {rate:.0} | {:.0} ms | {:.1} |",
+                mean * 1000.0,
+                rate * mean
+            );
+            rows.push(json!({"dynamics_latency_ms": latency_ms, "concurrency": concurrency, "events_per_second": rate, "mean_latency_ms": mean * 1000.0}));
+        }
+    }
+    Value::Array(rows)
+}
