@@ -897,6 +897,25 @@ dynamics:
     }
 
     #[test]
+    fn the_owner_mapping_names_a_systemusers_column() {
+        let with = |column: &str| format!("{MINIMAL}contact:\n  owner_from_agent: {column}\n");
+        let config = Config::from_yaml(&with("domainname")).expect("valid");
+        assert_eq!(
+            config.contact.owner_from_agent,
+            Some(OwnerColumn::Domainname)
+        );
+        let error = error_of(&with("fullname"));
+        assert_eq!(error.path(), Some("contact.owner_from_agent"), "{error}");
+        assert!(
+            Config::from_yaml(MINIMAL)
+                .expect("valid")
+                .contact
+                .owner_from_agent
+                .is_none()
+        );
+    }
+
+    #[test]
     fn secrets_cannot_be_written_inline() {
         let error =
             error_of(&MINIMAL.replace("{ env: DYNAMICS_CLIENT_SECRET }", "{ value: hunter2 }"));
