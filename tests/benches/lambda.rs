@@ -225,6 +225,11 @@ fn scheduled_event() -> Value {
     json!({"version": "0", "id": uuid::Uuid::new_v4().to_string(), "detail-type": "Scheduled Event", "source": "aws.events", "account": "123456789012", "time": "2026-11-23T00:00:00Z", "region": "us-east-1", "resources": [], "detail": {}})
 }
 
+/// A proxy label without its query string, which can hold a whole OData filter.
+fn without_query(label: &str) -> &str {
+    label.split_once('?').map_or(label, |(path, _)| path)
+}
+
 /// Requests by service, from the proxy's labels.
 fn by_service(labels: &[String]) -> BTreeMap<&'static str, usize> {
     let mut counts = BTreeMap::new();
@@ -392,6 +397,22 @@ async fn main() {
         "(Dataverse as logged by the emulator: {:.2}; token requests: {lifecycle_tokens} in all)",
         lifecycle_dataverse as f64 / contacts as f64
     );
+
+    // One more warm lifecycle, request by request, to show what the counts are made of.
+    println!("\nOne warm lifecycle, request by request:\n");
+    println!("| function | request |");
+    println!("|---|---|");
+    let mut one = Vec::new();
+    for (name, _, event) in contact_events(&aws.bucket) {
+        let before = proxy.labels().len();
+        processes[name].invoke(event).await;
+        for label in &proxy.labels()[before..] {
+            let request = without_query(label);
+            println!("| {name} | `{request}` |");
+            one.push(json!({"function": name, "request": request}));
+        }
+    }
+    trips.insert("one_lifecycle".into(), Value::Array(one));
     json_out.insert("round_trips_per_lifecycle".into(), Value::Object(trips));
     for (_, mut process) in processes {
         let _ = process.child.kill();
@@ -402,7 +423,7 @@ async fn main() {
     json_out.insert("token_stampede".into(), stampede);
 
     // ---------------------------------------------------------- in-process throughput
-    let throughput = throughput(&aws).await;
+    let throughput = throughput().await;
     json_out.insert("throughput".into(), throughput);
 
     let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/bench"));
@@ -475,7 +496,7 @@ async fn stampede() -> Value {
 
 /// One warm container's handler code in-process: contact creations at several
 /// concurrency levels, with 0 and 100 ms added to every Dynamics request.
-async fn throughput(aws: &AwsResources) -> Value {
+async fn throughput() -> Value {
     println!(
         "\n## Throughput of one container (in-process handler, contact creation from the flow)\n"
     );
@@ -485,7 +506,10 @@ async fn throughput(aws: &AwsResources) -> Value {
     println!("|---|---|---|---|---|");
     let mut rows = Vec::new();
     for latency_ms in [0u64, 100] {
+        // A deployment of its own: the directory of the first one names customers
+        // this emulator does not hold.
         let emulator = emulator().await;
+        let aws = &AwsResources::create().await;
         let lifecycle = Arc::new(e2e::lifecycle(&emulator, aws, ""));
         // Warm: token and clients ready.
         handle(
@@ -528,7 +552,9 @@ async fn throughput(aws: &AwsResources) -> Value {
                     }
                 });
             }
-            while tasks.join_next().await.is_some() {}
+            while let Some(finished) = tasks.join_next().await {
+                finished.expect("every event handled");
+            }
             let elapsed = started.elapsed().as_secs_f64();
             let rate = events as f64 / elapsed;
             let mean = total_latency.lock().unwrap().as_secs_f64() / events as f64;

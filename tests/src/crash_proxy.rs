@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use tokio::sync::Notify;
 
@@ -145,10 +145,28 @@ async fn forward(
         shared.crashed.notify_one();
         std::future::pending::<()>().await;
     }
+    // Like any reverse proxy, links the organisation sends back (`@odata.nextLink`,
+    // `@odata.deltaLink`, `OData-EntityId`) are rewritten to point through us.
+    let body = if to_dynamics {
+        String::from_utf8_lossy(&body)
+            .replace(&shared.dynamics, &shared.url)
+            .into()
+    } else {
+        body
+    };
     let mut response = (status, body).into_response();
     for (name, value) in &answer_headers {
         if name != "content-length" && name != "transfer-encoding" {
-            response.headers_mut().insert(name, value.clone());
+            let value = match value.to_str() {
+                Ok(text) if to_dynamics && text.contains(&shared.dynamics) => {
+                    match HeaderValue::from_str(&text.replace(&shared.dynamics, &shared.url)) {
+                        Ok(rewritten) => rewritten,
+                        Err(_) => value.clone(),
+                    }
+                }
+                _ => value.clone(),
+            };
+            response.headers_mut().insert(name, value);
         }
     }
     response
