@@ -603,32 +603,31 @@ impl Lifecycle {
             state.written = rendered.desired.clone();
         }
         let changes = changed(&state.written, &rendered.desired);
-        let mut reopened = false;
-        if !changes.is_empty() {
-            if state.closed {
-                self.dataverse
-                    .update(
-                        set,
-                        record,
-                        &json!({"statecode": 0, "statuscode": 1}),
-                        deadline,
-                    )
-                    .await?;
-                state.closed = false;
-                reopened = true;
+        if !changes.is_empty() && state.closed {
+            // A closed activity takes no edits but its reopening.
+            self.dataverse
+                .update(
+                    set,
+                    record,
+                    &json!({"statecode": 0, "statuscode": 1}),
+                    deadline,
+                )
+                .await?;
+            state.closed = false;
+        }
+        // The close rides on the last write: one PATCH sets the fields, then the
+        // state, so nothing can land after it.
+        let close = rendered.close.as_ref().filter(|_| !state.closed);
+        if !changes.is_empty() || close.is_some() {
+            let mut body = changes.clone();
+            if let Some(close) = close {
+                body.extend(close.clone());
             }
             self.dataverse
-                .update(set, record, &Value::Object(changes.clone()), deadline)
+                .update(set, record, &Value::Object(body), deadline)
                 .await?;
             state.written.extend(changes);
-        }
-        if let Some(close) = &rendered.close
-            && (!state.closed || reopened)
-        {
-            self.dataverse
-                .update(set, record, &Value::Object(close.clone()), deadline)
-                .await?;
-            state.closed = true;
+            state.closed = close.is_some();
         }
         let annotations = EntitySet::new("annotations").expect("a literal entity set");
         for (key, note) in &rendered.notes {

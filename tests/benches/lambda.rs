@@ -494,6 +494,24 @@ async fn stampede() -> Value {
     json!({"processes": PROCESSES, "token_requests": tokens, "spawned_ms": spawned.as_secs_f64() * 1000.0, "all_answered_ms": all.as_secs_f64() * 1000.0, "statuses": statuses})
 }
 
+/// Where the throughput runs keep contact state, the directory and the retry queue.
+#[derive(Clone, Copy)]
+enum Stores {
+    /// DynamoDB and SQS in moto_server, as deployed.
+    Moto,
+    /// In memory: what the function's own code and the emulator sustain.
+    Memory,
+}
+
+impl Stores {
+    fn label(self) -> &'static str {
+        match self {
+            Stores::Moto => "moto_server",
+            Stores::Memory => "in memory",
+        }
+    }
+}
+
 /// One warm container's handler code in-process: contact creations at several
 /// concurrency levels, with 0 and 100 ms added to every Dynamics request.
 async fn throughput() -> Value {
@@ -501,16 +519,32 @@ async fn throughput() -> Value {
         "\n## Throughput of one container (in-process handler, contact creation from the flow)\n"
     );
     println!(
-        "| Dynamics latency | concurrent events | events/s | mean latency | in flight (events/s x latency) |"
+        "| state, directory, queue | Dynamics latency | concurrent events | events/s | mean latency | in flight (events/s x latency) |"
     );
-    println!("|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|");
     let mut rows = Vec::new();
-    for latency_ms in [0u64, 100] {
+    let runs = [
+        (Stores::Moto, 0u64),
+        (Stores::Moto, 100),
+        (Stores::Memory, 0),
+        (Stores::Memory, 100),
+    ];
+    for (stores, latency_ms) in runs {
         // A deployment of its own: the directory of the first one names customers
         // this emulator does not hold.
         let emulator = emulator().await;
         let aws = &AwsResources::create().await;
-        let lifecycle = Arc::new(e2e::lifecycle(&emulator, aws, ""));
+        let lifecycle = Arc::new(match stores {
+            Stores::Moto => e2e::lifecycle(&emulator, aws, ""),
+            Stores::Memory => shared::services::local_lifecycle(
+                shared::config::Config::from_yaml(&e2e::config_yaml(&emulator))
+                    .expect("the bench configuration is valid"),
+                shared::secret::Secret::new(emulator.options().client_secret.as_str()),
+                Default::default(),
+                "bench",
+            )
+            .expect("a local lifecycle"),
+        });
         // Warm: token and clients ready.
         handle(
             &lifecycle,
@@ -559,11 +593,12 @@ async fn throughput() -> Value {
             let rate = events as f64 / elapsed;
             let mean = total_latency.lock().unwrap().as_secs_f64() / events as f64;
             println!(
-                "| {latency_ms} ms | {concurrency} | {rate:.0} | {:.0} ms | {:.1} |",
+                "| {} | {latency_ms} ms | {concurrency} | {rate:.0} | {:.0} ms | {:.1} |",
+                stores.label(),
                 mean * 1000.0,
                 rate * mean
             );
-            rows.push(json!({"dynamics_latency_ms": latency_ms, "concurrency": concurrency, "events_per_second": rate, "mean_latency_ms": mean * 1000.0}));
+            rows.push(json!({"stores": stores.label(), "dynamics_latency_ms": latency_ms, "concurrency": concurrency, "events_per_second": rate, "mean_latency_ms": mean * 1000.0}));
         }
     }
     Value::Array(rows)
