@@ -593,7 +593,7 @@ async fn throughput() -> Value {
             let rate = events as f64 / elapsed;
             let mean = total_latency.lock().unwrap().as_secs_f64() / events as f64;
             println!(
-                "| {} | {latency_ms} ms | {concurrency} | {rate:.0} | {:.0} ms | {:.1} |",
+                "| {} | {latency_ms} ms | {concurrency} | {rate:.0} | {:.1} ms | {:.1} |",
                 stores.label(),
                 mean * 1000.0,
                 rate * mean

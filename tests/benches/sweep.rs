@@ -52,6 +52,7 @@ async fn main() {
     let rss_before = peak_rss_mib();
 
     let mut rows = Vec::new();
+    let mut runs = Vec::new();
     for (label, prepare) in [
         ("full reconciliation", None),
         ("delta, 1,000 changes", Some(1000usize)),
@@ -82,6 +83,15 @@ async fn main() {
         assert!(report.finished, "{report:?}");
         // Each written item is under 1 KB: one write unit per item (entry + one per phone).
         let write_units = report.upserted * 3;
+        runs.push(json!({
+            "run": label,
+            "records_applied": report.upserted,
+            "wall_seconds": elapsed.as_secs_f64(),
+            "dataverse_requests": emulator.requests().len(),
+            "dynamodb_requests": aws.dynamodb_requests.count() - dynamodb_before,
+            "dynamodb_write_units": write_units,
+            "peak_rss_mib": peak_rss_mib(),
+        }));
         rows.push(format!(
             "| {label} | {} | {:.1} s | {} | {} | ~{write_units} | {:.0} MiB |",
             report.upserted,
@@ -109,4 +119,18 @@ async fn main() {
     for row in rows {
         println!("{row}");
     }
+    let dir = std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/bench"));
+    let _ = std::fs::create_dir_all(&dir);
+    let path = dir.join(if in_memory {
+        "sweep-memory.json"
+    } else {
+        "sweep.json"
+    });
+    let document =
+        json!({"records": records, "store": store, "emulator_rss_mib": rss_before, "runs": runs});
+    let _ = std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&document).unwrap_or_default(),
+    );
+    println!("\nJSON: {}", path.display());
 }
