@@ -58,6 +58,17 @@ const FIXTURE_CONTACTS: [&str; 2] = [
     "16d9dbc3-3863-4327-b67e-d0f31673139e",
 ];
 
+/// The DISCONNECTED sample comes from another call; its times are moved onto the
+/// answered sample's call (answered 09:41:44, six and a half minutes of talk), so the
+/// simulated contact tells one consistent story.
+const ONE_TIMELINE: [(&str, &str); 5] = [
+    ("2025-03-11T13:20:15.034Z", "2025-03-11T09:41:06.208Z"),
+    ("2025-03-11T13:20:15.410Z", "2025-03-11T09:41:44.902Z"),
+    ("2025-03-11T13:20:21.871Z", "2025-03-11T09:41:06.911Z"),
+    ("2025-03-11T13:26:48.390Z", "2025-03-11T09:48:17.880Z"),
+    ("2025-03-11T13:26:49Z", "2025-03-11T09:48:18Z"),
+];
+
 fn retarget(text: &str, contact_id: &str) -> Value {
     let mut text = text.to_owned();
     for fixture in FIXTURE_CONTACTS {
@@ -67,6 +78,9 @@ fn retarget(text: &str, contact_id: &str) -> Value {
         "\"initiationMethod\": \"OUTBOUND\"",
         "\"initiationMethod\": \"INBOUND\"",
     );
+    let text = ONE_TIMELINE
+        .iter()
+        .fold(text, |text, (from, to)| text.replace(from, to));
     serde_json::from_str(&text).unwrap_or(Value::Null)
 }
 
