@@ -1,0 +1,55 @@
+//! The README's run command and the preview command, run as an operator runs them.
+
+use std::process::Command;
+
+fn run(args: &[&str]) -> (bool, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_connect-dynamics"))
+        .args(args)
+        .output()
+        .expect("the CLI binary runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+#[test]
+fn simulate_runs_a_whole_contact_against_the_embedded_emulator() {
+    let (ok, output) = run(&["simulate"]);
+    assert!(ok, "{output}");
+    for step in [
+        "the webhook calls record-saved",
+        "== sync-sweep",
+        "== contact flow invokes contact-created",
+        "== CONNECTED_TO_AGENT contact event",
+        "== DISCONNECTED contact event",
+        "== call recording written to S3",
+        "== the Dynamics record ==",
+    ] {
+        assert!(output.contains(step), "missing `{step}` in:\n{output}");
+    }
+    assert!(output.contains("\"dynamics_customer_matched\":\"true\""));
+    assert!(output.contains("Answered by agent ana.silva at 2025-03-11T09:41:44Z"));
+    assert!(output.contains("\"ownerid@odata.bind\": \"/systemusers("));
+    assert!(output.contains("5 events, 1 token request(s)"), "{output}");
+    // The final record is closed, and no token is ever shown.
+    let record = output
+        .split("== the Dynamics record ==")
+        .nth(1)
+        .expect("the record is printed");
+    assert!(record.contains("\"statecode\": 1"), "{record}");
+    assert!(output.contains("Bearer <redacted>"));
+    assert!(!output.contains("Bearer ey"), "a token was printed");
+}
+
+#[test]
+fn preview_prints_the_request_with_the_token_redacted() {
+    let (ok, output) = run(&["preview", "ended"]);
+    assert!(ok, "{output}");
+    assert!(output.contains("PATCH "), "{output}");
+    assert!(output.contains("\"statecode\": 1"), "{output}");
+    assert!(output.contains("<redacted>"), "{output}");
+    assert!(!output.contains("Bearer ey"), "a token was printed");
+}
