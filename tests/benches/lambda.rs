@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dataverse_emulator::{Emulator, EmulatorOptions, Faults};
+use e2e::bench::{peak_rss_mib, write_json};
 use e2e::contact::{Kind, handle, retarget};
 use e2e::crash_proxy::CrashProxy;
 use e2e::runtime_api::RuntimeApi;
@@ -61,18 +62,6 @@ fn cpu_seconds(pid: u32) -> f64 {
             .unwrap_or(0.0)
     };
     (ticks(11) + ticks(12)) / 100.0
-}
-
-fn peak_rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
 }
 
 struct Process {
@@ -426,14 +415,7 @@ async fn main() {
     let throughput = throughput().await;
     json_out.insert("throughput".into(), throughput);
 
-    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/bench"));
-    let _ = std::fs::create_dir_all(&dir);
-    let path = dir.join("lambda.json");
-    let _ = std::fs::write(
-        &path,
-        serde_json::to_string_pretty(&json_out).unwrap_or_default(),
-    );
-    println!("\nJSON: {}", path.display());
+    write_json("lambda.json", &Value::Object(json_out));
 }
 
 /// 100 contact-created processes start at once with an empty token cache; each

@@ -11,19 +11,7 @@ use e2e::{AwsResources, directory_entries, directory_sync, emulator};
 use serde_json::json;
 
 fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .map(str::to_owned)
-        })
-        .and_then(|l| {
-            l.split_whitespace()
-                .nth(1)
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
+    e2e::bench::peak_rss_mib(std::process::id())
 }
 
 #[tokio::main]
@@ -119,18 +107,14 @@ async fn main() {
     for row in rows {
         println!("{row}");
     }
-    let dir = std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/bench"));
-    let _ = std::fs::create_dir_all(&dir);
-    let path = dir.join(if in_memory {
-        "sweep-memory.json"
-    } else {
-        "sweep.json"
-    });
     let document =
         json!({"records": records, "store": store, "emulator_rss_mib": rss_before, "runs": runs});
-    let _ = std::fs::write(
-        &path,
-        serde_json::to_string_pretty(&document).unwrap_or_default(),
+    e2e::bench::write_json(
+        if in_memory {
+            "sweep-memory.json"
+        } else {
+            "sweep.json"
+        },
+        &document,
     );
-    println!("\nJSON: {}", path.display());
 }

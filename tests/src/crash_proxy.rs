@@ -157,15 +157,14 @@ async fn forward(
     let mut response = (status, body).into_response();
     for (name, value) in &answer_headers {
         if name != "content-length" && name != "transfer-encoding" {
-            let value = match value.to_str() {
-                Ok(text) if to_dynamics && text.contains(&shared.dynamics) => {
-                    match HeaderValue::from_str(&text.replace(&shared.dynamics, &shared.url)) {
-                        Ok(rewritten) => rewritten,
-                        Err(_) => value.clone(),
-                    }
-                }
-                _ => value.clone(),
-            };
+            let rewritten = value
+                .to_str()
+                .ok()
+                .filter(|text| to_dynamics && text.contains(&shared.dynamics))
+                .and_then(|text| {
+                    HeaderValue::from_str(&text.replace(&shared.dynamics, &shared.url)).ok()
+                });
+            let value = rewritten.unwrap_or_else(|| value.clone());
             response.headers_mut().insert(name, value);
         }
     }

@@ -1,6 +1,7 @@
 //! Support for the end-to-end tests: the Dataverse emulator, moto_server for the
 //! AWS services, and clients wired to both exactly as the functions wire theirs.
 
+pub mod bench;
 pub mod contact;
 pub mod crash_proxy;
 pub mod runtime_api;
