@@ -696,6 +696,13 @@ fn prepare(
     for (name, value) in fields {
         if let Some(navigation) = name.strip_suffix("@odata.bind") {
             let (column, target_logical, id) = bind(store, &logical, navigation, &value)?;
+            if column == "ownerid" && store.users_without_roles.contains(&id) {
+                return Err(error(
+                    403,
+                    "0x80042f09",
+                    format!("The user (Id = {id}) has not been assigned any roles."),
+                ));
+            }
             columns.insert(format!("_{column}_value"), Value::String(id.to_string()));
             columns.insert(
                 format!("_{column}_value@Microsoft.Dynamics.CRM.lookuplogicalname"),
@@ -729,6 +736,9 @@ fn prepare(
                 }
                 Some(kind) => check_kind(&logical, &name, *kind, &value)?,
             }
+        }
+        if name.ends_with("_activity_parties") {
+            check_parties(store, &value)?;
         }
         columns.insert(name, value);
     }
@@ -767,6 +777,36 @@ fn check_kind(logical: &str, name: &str, kind: Kind, value: &Value) -> Result<()
             ),
         ))
     }
+}
+
+/// Every party's `partyid_<entity>@odata.bind` must name an existing row, as a
+/// single-valued bind must.
+fn check_parties(store: &Store, parties: &Value) -> Result<(), ApiResponse> {
+    let binds = parties
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_object)
+        .flat_map(|party| party.iter())
+        .filter(|(key, _)| key.ends_with("@odata.bind"));
+    for (_, reference) in binds {
+        let tail = reference
+            .as_str()
+            .and_then(|r| r.rsplit('/').next())
+            .unwrap_or_default();
+        let (target_set, key) = parse_target(tail)?;
+        let Some(id) = key.as_deref().map(parse_id).transpose()? else {
+            continue;
+        };
+        let exists = store
+            .tables
+            .get(&target_set)
+            .is_some_and(|t| t.rows.contains_key(&id));
+        if !exists {
+            return Err(missing(store, &target_set, id));
+        }
+    }
+    Ok(())
 }
 
 /// `regardingobjectid_contact_phonecall@odata.bind: "/contacts(<id>)"` -> column

@@ -262,6 +262,12 @@ impl Emulator {
             .unwrap_or_default()
     }
 
+    /// Takes every security role from a user: assigning it as an owner is then
+    /// refused with 403 `0x80042f09` (UserNotAssignedRoles).
+    pub fn remove_security_roles(&self, user: Uuid) {
+        lock(&self.shared.store).users_without_roles.insert(user);
+    }
+
     /// Declares another entity set (custom tables).
     pub fn define_entity(&self, set: &str, logical: &str, key: &str, activity: bool) {
         lock(&self.shared.store).define(set, logical, key, activity, None);

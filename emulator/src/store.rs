@@ -56,6 +56,8 @@ pub struct Store {
     pub oldest_valid_delta: u64,
     /// Entities named in `PublishXml` calls, in order.
     pub published: Vec<String>,
+    /// `systemusers` without any security role: Dataverse refuses them as owners.
+    pub users_without_roles: std::collections::BTreeSet<Uuid>,
 }
 
 fn phonecall_columns() -> BTreeMap<&'static str, Kind> {
@@ -101,6 +103,7 @@ impl Default for Store {
             deletions: Vec::new(),
             oldest_valid_delta: 0,
             published: Vec::new(),
+            users_without_roles: Default::default(),
         };
         store.define(
             "phonecalls",
@@ -224,6 +227,9 @@ impl Store {
             data.insert("statuscode".into(), Value::from(1));
             if activity {
                 data.insert("activitytypecode".into(), Value::String(logical.clone()));
+            }
+            if logical == "systemuser" {
+                data.insert("isdisabled".into(), Value::Bool(false));
             }
             Row { data, version }
         });

@@ -124,6 +124,20 @@ impl<K: Eq + std::hash::Hash, T: Clone> TtlCache<K, T> {
             .map(|(value, _)| value.clone())
     }
 
+    /// Turns every entry holding `value` into `replacement`, kept as briefly as a miss.
+    fn replace(&self, value: &T, replacement: T)
+    where
+        T: PartialEq,
+    {
+        let mut entries = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        for (held, until) in entries.values_mut() {
+            if held == value {
+                *held = replacement.clone();
+                *until = Instant::now() + MISSING_FOR;
+            }
+        }
+    }
+
     fn put(&self, key: K, value: T, found: bool) {
         let until = Instant::now() + if found { FOUND_FOR } else { MISSING_FOR };
         let mut entries = self.0.lock().unwrap_or_else(|p| p.into_inner());
@@ -226,6 +240,12 @@ impl AgentResolver {
         Ok(profile)
     }
 
+    /// Dataverse refused `owner` as a record owner (no role, no privilege): it
+    /// counts as no match, like a user Dynamics does not know.
+    pub fn owner_refused(&self, owner: Uuid) {
+        self.owners.replace(&Some(owner), None);
+    }
+
     async fn owner(
         &self,
         column: OwnerColumn,
@@ -250,7 +270,12 @@ impl AgentResolver {
         let users = EntitySet::new("systemusers").expect("a literal entity set");
         let query = Query {
             select: vec!["systemuserid".into()],
-            filter: Some(format!("{} eq {}", column.as_str(), string_literal(value))),
+            // A disabled user is no one to hand the record to.
+            filter: Some(format!(
+                "{} eq {} and isdisabled eq false",
+                column.as_str(),
+                string_literal(value)
+            )),
             top: Some(1),
             ..Query::default()
         };

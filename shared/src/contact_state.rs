@@ -42,6 +42,10 @@ pub struct ContactState {
     pub failed_steps: BTreeMap<String, String>,
     /// Unix seconds of the first event seen for the contact.
     pub first_seen: u64,
+    /// Optional parts Dataverse refused (`customer_link`, `owner`), with its answer:
+    /// left out of every later write of the contact.
+    #[serde(default)]
+    pub dropped: BTreeMap<String, String>,
 }
 
 impl ContactState {

@@ -284,7 +284,7 @@ impl CallerDirectory {
                 let result = client
                     .put_item()
                     .table_name(table)
-                    .set_item(Some(entry_item(entry, &customer, 0)))
+                    .set_item(Some(entry_item(entry, &customer, now_stamp())))
                     .condition_expression("attribute_not_exists(pk) OR modified_on <= :modified")
                     .expression_attribute_values(
                         ":modified",
@@ -314,7 +314,7 @@ impl CallerDirectory {
                 {
                     return Ok(WriteOutcome::Stale);
                 }
-                entries.insert(key, (customer, entry.phones.clone(), 0));
+                entries.insert(key, (customer, entry.phones.clone(), now_stamp()));
                 Ok(WriteOutcome::Written)
             }
         }
@@ -357,7 +357,9 @@ impl CallerDirectory {
     }
 
     /// Writes a page of entries from a sweep in batches, stamped with the sweep's
-    /// pass so a full reconciliation can find what it did not see.
+    /// pass so a full reconciliation can find what it did not see. An entry stored
+    /// with a newer `modifiedon` (a webhook since the page was read) is left as it is:
+    /// that write came after the pass started, so its stamp already counts as seen.
     pub async fn put_page(
         &self,
         entries: &[DirectoryEntry],
@@ -366,14 +368,15 @@ impl CallerDirectory {
     ) -> Result<(), StoreError> {
         match self {
             Self::DynamoDb { client, table } => {
-                // The stored numbers, to drop phone items of numbers a record no longer has.
-                let mut old: HashMap<Uuid, Vec<String>> = HashMap::new();
+                // The stored numbers, to drop phone items of numbers a record no longer
+                // has, and versions, to keep what a webhook wrote since the page was read.
+                let mut old: HashMap<Uuid, (Vec<String>, String)> = HashMap::new();
                 for chunk in entries.chunks(100) {
                     let keys: Vec<Item> =
                         chunk.iter().map(|e| entry_key(&e.entity, e.id)).collect();
                     let mut request = KeysAndAttributes::builder()
                         .set_keys(Some(keys))
-                        .projection_expression("id, phones")
+                        .projection_expression("id, phones, modified_on")
                         .build()
                         .map_err(|e| StoreError::new("DynamoDB", e.to_string(), false))
                         .map(|k| HashMap::from([(table.clone(), k)]))?;
@@ -395,7 +398,12 @@ impl CallerDirectory {
                                 .and_then(|v| v.as_s().ok())
                                 .and_then(|s| Uuid::try_parse(s).ok())
                             {
-                                old.insert(id, phones_of(&item));
+                                let modified_on = item
+                                    .get("modified_on")
+                                    .and_then(|v| v.as_s().ok())
+                                    .cloned()
+                                    .unwrap_or_default();
+                                old.insert(id, (phones_of(&item), modified_on));
                             }
                         }
                         match output.unprocessed_keys.filter(|u| !u.is_empty()) {
@@ -406,6 +414,10 @@ impl CallerDirectory {
                 }
                 let mut writes = Vec::with_capacity(entries.len() * 2);
                 for entry in entries {
+                    let stored = old.get(&entry.id);
+                    if stored.is_some_and(|(_, modified_on)| *modified_on > entry.modified_on) {
+                        continue;
+                    }
                     let customer = customer_of(entry, mapping);
                     if let Ok(put) = PutRequest::builder()
                         .set_item(Some(entry_item(entry, &customer, stamp)))
@@ -416,7 +428,9 @@ impl CallerDirectory {
                     writes.extend(phone_writes(
                         &customer,
                         &entry.phones,
-                        old.get(&entry.id).map(Vec::as_slice).unwrap_or_default(),
+                        stored
+                            .map(|(phones, _)| phones.as_slice())
+                            .unwrap_or_default(),
                     ));
                 }
                 batch_write(client, table, writes).await
@@ -424,8 +438,15 @@ impl CallerDirectory {
             Self::Memory(stored) => {
                 let mut stored = stored.lock().unwrap_or_else(|p| p.into_inner());
                 for entry in entries {
+                    let key = (entry.entity.clone(), entry.id);
+                    if stored
+                        .get(&key)
+                        .is_some_and(|(held, _, _)| held.modified_on > entry.modified_on)
+                    {
+                        continue;
+                    }
                     stored.insert(
-                        (entry.entity.clone(), entry.id),
+                        key,
                         (customer_of(entry, mapping), entry.phones.clone(), stamp),
                     );
                 }
@@ -487,6 +508,14 @@ impl CallerDirectory {
             }
         }
     }
+}
+
+/// The stamp of a write made now: Unix milliseconds, like a sweep pass's stamp, so
+/// a pass counts every write made after it started as seen.
+pub(crate) fn now_stamp() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// BatchWriteItem in chunks of 25, retrying unprocessed items with backoff.

@@ -484,9 +484,7 @@ impl DirectorySync {
                         return Ok(report);
                     }
                     None => {
-                        checkpoint.stamp = SystemTime::now()
-                            .duration_since(UNIX_EPOCH)
-                            .map_or(0, |d| d.as_millis() as u64);
+                        checkpoint.stamp = crate::directory::now_stamp();
                         checkpoint.phase = Phase::Full { next: None };
                         continue;
                     }

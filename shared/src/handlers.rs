@@ -89,6 +89,7 @@ fn skipped(reason: String) -> Report {
         dataverse_requests: 0,
         dataverse_retries: 0,
         dataverse_throttled: 0,
+        degraded: Vec::new(),
     }
 }
 

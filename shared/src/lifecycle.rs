@@ -76,6 +76,8 @@ pub struct Report {
     pub dataverse_requests: u64,
     pub dataverse_retries: u64,
     pub dataverse_throttled: u64,
+    /// Optional parts this event had to leave out of the record (`customer_link`, `owner`).
+    pub degraded: Vec<String>,
 }
 
 /// Failure to even hand the work off: the trigger must deliver the event again.
@@ -114,6 +116,65 @@ pub fn retry_delay(base: Duration, attempt: u32) -> Duration {
     (base * (1u32 << attempt.min(7))).min(Duration::from_secs(900))
 }
 
+/// What the product adds to a record on its own, and gives up when Dataverse refuses it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OptionalPart {
+    /// The customer as regarding object or activity party.
+    CustomerLink,
+    /// `ownerid` from the agent.
+    Owner,
+}
+
+impl OptionalPart {
+    fn name(self) -> &'static str {
+        match self {
+            Self::CustomerLink => "customer_link",
+            Self::Owner => "owner",
+        }
+    }
+}
+
+/// Dataverse's codes for an owner it will not assign: no role, no privilege, no access.
+const OWNER_REFUSALS: [&str; 4] = ["0x80042f09", "0x80040231", "0x80040220", "0x80048306"];
+
+/// The optional part a refused write is about, when it carried one: a 404 naming the
+/// linked customer, or an owner refusal on a write that set the owner.
+fn refused_part(
+    state: &ContactState,
+    rendered: &Rendered,
+    error: &DataverseError,
+) -> Option<OptionalPart> {
+    let DataverseError::Rejected {
+        status,
+        code,
+        message,
+    } = error
+    else {
+        return None;
+    };
+    let sent = |key: &str| {
+        rendered.desired.get(key).is_some_and(|value| {
+            !state.record_exists || state.closed || state.written.get(key) != Some(value)
+        })
+    };
+    match status {
+        404 => {
+            let customer = state.customer.as_ref()?;
+            let named = message
+                .to_ascii_lowercase()
+                .contains(&customer.id.to_string());
+            (named && rendered.customer_key.as_deref().is_some_and(sent))
+                .then_some(OptionalPart::CustomerLink)
+        }
+        403 if OWNER_REFUSALS.contains(&code.to_ascii_lowercase().as_str())
+            && sent("ownerid@odata.bind") =>
+        {
+            Some(OptionalPart::Owner)
+        }
+        _ => None,
+    }
+}
+
 /// Columns of `desired` whose value differs from what was written.
 fn changed(written: &Map<String, Value>, desired: &Map<String, Value>) -> Map<String, Value> {
     desired
@@ -125,6 +186,8 @@ fn changed(written: &Map<String, Value>, desired: &Map<String, Value>) -> Map<St
 
 struct Rendered {
     desired: Map<String, Value>,
+    /// The column of `desired` that links the customer, when one is linked.
+    customer_key: Option<String>,
     close: Option<Map<String, Value>>,
     notes: Vec<(String, Map<String, Value>)>,
     /// Steps whose template failed now (dead-lettered once, then left out).
@@ -195,6 +258,7 @@ impl Lifecycle {
             dataverse_requests: 0,
             dataverse_retries: 0,
             dataverse_throttled: 0,
+            degraded: Vec::new(),
         };
         let hold = deadline
             .saturating_duration_since(Instant::now())
@@ -226,12 +290,20 @@ impl Lifecycle {
         }
         self.look_up_caller(&mut state).await;
         report.record_id = Self::record_id_of(&state);
-        report.customer = state.customer.clone();
 
+        let dropped_before = state.dropped.clone();
         let result = match self.resolve_agent(&mut state, deadline).await {
             Ok(()) => self.apply(&mut state, deadline).await,
             Err(error) => Err(ApplyError::Transient(error.to_string())),
         };
+        // After the write: a customer found gone from Dynamics is no match.
+        report.customer = state.customer.clone();
+        report.degraded = state
+            .dropped
+            .keys()
+            .filter(|part| !dropped_before.contains_key(*part))
+            .cloned()
+            .collect();
         let after = self.dataverse.stats();
         report.dataverse_requests = after.requests - before.requests;
         report.dataverse_retries = after.retries - before.retries;
@@ -428,7 +500,12 @@ impl Lifecycle {
                 Err(error) => failed.push((step, error.to_string())),
             }
         }
-        if let Some(customer) = &state.customer {
+        let mut customer_key = None;
+        if let Some(customer) = state.customer.as_ref().filter(|_| {
+            !state
+                .dropped
+                .contains_key(OptionalPart::CustomerLink.name())
+        }) {
             let target = Value::String(format!("/{}({})", customer.entity_set, customer.id));
             match contact.bind_customer_as {
                 CustomerBinding::Regarding => {
@@ -436,23 +513,26 @@ impl Lifecycle {
                         "regardingobjectid_{}_{}@odata.bind",
                         customer.entity, contact.logical_name
                     );
-                    desired.entry(bind).or_insert(target);
+                    desired.entry(bind.clone()).or_insert(target);
+                    customer_key = Some(bind);
                 }
                 CustomerBinding::ActivityParty => {
                     // The caller sends an inbound call (1, From) and receives an outbound one (2, To).
                     let outbound = desired.get("directioncode") == Some(&Value::Bool(true));
                     let parties = format!("{}_activity_parties", contact.logical_name);
-                    desired.entry(parties).or_insert_with(|| {
+                    desired.entry(parties.clone()).or_insert_with(|| {
                         json!([{
                             format!("partyid_{}@odata.bind", customer.entity): target,
                             "participationtypemask": if outbound { 2 } else { 1 },
                         }])
                     });
+                    customer_key = Some(parties);
                 }
                 CustomerBinding::None => {}
             }
         }
         if contact.owner_from_agent.is_some()
+            && !state.dropped.contains_key(OptionalPart::Owner.name())
             && let Some(owner) = state.agent.as_ref().and_then(|a| a.owner_id)
         {
             desired
@@ -521,6 +601,7 @@ impl Lifecycle {
         }
         Ok(Rendered {
             desired,
+            customer_key,
             close,
             notes,
             failed,
@@ -543,42 +624,159 @@ impl Lifecycle {
                 "the contact's creation facts name no Amazon Connect instance".into(),
             ));
         };
-        let rendered = self.render(state, record)?;
+        let mut rendered = self.render(state, record)?;
         for (step, reason) in &rendered.failed {
             state
                 .failed_steps
                 .insert(step.name().to_owned(), reason.clone());
         }
+        let newly_failed = std::mem::take(&mut rendered.failed);
         let mut checked_closed = false;
         loop {
-            match self.write(state, record, &rendered, deadline).await {
-                Ok(()) => return Ok(rendered.failed),
-                // A record closed behind our back (a crash after the close, or a user):
-                // learn it once and take the reopen path.
-                Err(refused @ DataverseError::Rejected { status: 400, .. })
-                    if !state.closed && !checked_closed =>
-                {
-                    checked_closed = true;
-                    let current = self
-                        .dataverse
-                        .get(
-                            self.activity_set(),
-                            record,
-                            &["statecode".to_owned()],
-                            deadline,
-                        )
-                        .await?;
-                    match current.and_then(|r| r.get("statecode").and_then(Value::as_i64)) {
-                        Some(code) if code != 0 => {
-                            state.closed = true;
-                            state.record_exists = true;
-                            state.written.clear();
-                        }
-                        _ => return Err(refused.into()),
-                    }
-                }
-                Err(error) => return Err(error.into()),
+            let was_closed = state.closed;
+            let error = match self.write(state, record, &rendered, deadline).await {
+                Ok(()) => return Ok(newly_failed),
+                Err(error) => error,
+            };
+            if let Some(part) = refused_part(state, &rendered, &error) {
+                self.leave_out(state, part, &error, deadline).await;
+                rendered = self.render(state, record)?;
+                continue;
             }
+            // A record closed behind our back (a crash after the close, or a user):
+            // learn it once and take the reopen path.
+            if matches!(error, DataverseError::Rejected { status: 400, .. })
+                && !state.closed
+                && !checked_closed
+            {
+                checked_closed = true;
+                let current = self
+                    .dataverse
+                    .get(
+                        self.activity_set(),
+                        record,
+                        &["statecode".to_owned()],
+                        deadline,
+                    )
+                    .await?;
+                if let Some(code) = current.and_then(|r| r.get("statecode").and_then(Value::as_i64))
+                    && code != 0
+                {
+                    state.closed = true;
+                    state.record_exists = true;
+                    state.written.clear();
+                    continue;
+                }
+            }
+            if was_closed && !state.closed && !error.is_transient() {
+                return Err(ApplyError::Permanent(
+                    self.close_again(state, record, &rendered, error, deadline)
+                        .await,
+                ));
+            }
+            return Err(error.into());
+        }
+    }
+
+    /// Leaves an optional part out of the contact's writes from now on, and says so.
+    /// A customer link to a row that is gone also removes its directory entry, so
+    /// the next call from that number does not match it again.
+    async fn leave_out(
+        &self,
+        state: &mut ContactState,
+        part: OptionalPart,
+        error: &DataverseError,
+        deadline: Instant,
+    ) {
+        let reason = error.to_string();
+        match part {
+            OptionalPart::CustomerLink => {
+                if let Some(customer) = state.customer.clone() {
+                    self.verify_customer(state, &customer, deadline).await;
+                }
+            }
+            OptionalPart::Owner => {
+                if let Some(agent) = state.agent.as_mut()
+                    && let Some(owner) = agent.owner_id.take()
+                {
+                    self.agents.owner_refused(owner);
+                }
+            }
+        }
+        tracing::warn!(
+            contact_id = ?state.created.as_ref().map(|c| c.contact_id.to_string()),
+            part = part.name(),
+            reason,
+            "optional part left out of the record"
+        );
+        state.dropped.insert(part.name().to_owned(), reason);
+    }
+
+    async fn verify_customer(
+        &self,
+        state: &mut ContactState,
+        customer: &Customer,
+        deadline: Instant,
+    ) {
+        let Ok(set) = EntitySet::new(customer.entity_set.clone()) else {
+            return;
+        };
+        let key = format!("{}id", customer.entity);
+        match self
+            .dataverse
+            .get(&set, customer.id, &[key], deadline)
+            .await
+        {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                state.customer = None;
+                match self.directory.remove(&customer.entity, customer.id).await {
+                    Ok(_) => tracing::warn!(
+                        entity = customer.entity,
+                        id = %customer.id,
+                        "the matched customer is gone from Dynamics; removed from the directory"
+                    ),
+                    Err(error) => tracing::warn!(
+                        %error,
+                        "the matched customer is gone from Dynamics; its directory entry stays until the next sweep"
+                    ),
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "could not check whether the matched customer still exists")
+            }
+        }
+    }
+
+    /// A write refused after the reopen would leave a closed record open: close it again.
+    async fn close_again(
+        &self,
+        state: &mut ContactState,
+        record: Uuid,
+        rendered: &Rendered,
+        error: DataverseError,
+        deadline: Instant,
+    ) -> String {
+        let Some(close) = &rendered.close else {
+            return format!("{error}; the record was reopened and is left open");
+        };
+        match self
+            .dataverse
+            .update(
+                self.activity_set(),
+                record,
+                &Value::Object(close.clone()),
+                deadline,
+            )
+            .await
+        {
+            Ok(()) => {
+                state.closed = true;
+                format!("{error}; the record was closed again")
+            }
+            Err(close_error) => format!(
+                "{error}; the record was reopened and is left open (closing it again failed: {close_error})"
+            ),
         }
     }
 

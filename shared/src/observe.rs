@@ -44,6 +44,7 @@ pub fn record(function: &str, report: &Report, elapsed: Duration) {
         latency_ms = elapsed.as_millis() as u64,
         outcome = report.outcome.label(),
         reason = reason.unwrap_or_default(),
+        degraded = report.degraded.join(","),
         "event"
     );
     if std::env::var_os("AWS_LAMBDA_FUNCTION_NAME").is_some() {
@@ -69,6 +70,7 @@ pub fn metrics_document(function: &str, report: &Report, elapsed: Duration) -> s
                     {"Name": "Throttled", "Unit": "Count"},
                     {"Name": "Deferred", "Unit": "Count"},
                     {"Name": "DeadLettered", "Unit": "Count"},
+                    {"Name": "Degraded", "Unit": "Count"},
                     {"Name": "Latency", "Unit": "Milliseconds"}
                 ]
             }]
@@ -79,6 +81,7 @@ pub fn metrics_document(function: &str, report: &Report, elapsed: Duration) -> s
         "Throttled": report.dataverse_throttled,
         "Deferred": count(matches!(report.outcome, Outcome::Deferred { .. })),
         "DeadLettered": count(matches!(report.outcome, Outcome::DeadLettered { .. })),
+        "Degraded": report.degraded.len(),
         "Latency": elapsed.as_millis() as u64,
         "ContactId": report.contact_id.map(|c| c.to_string()),
         "Outcome": report.outcome.label(),

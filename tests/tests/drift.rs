@@ -1,0 +1,320 @@
+//! Dynamics and AWS drifting the way they really do: a customer deleted before the
+//! directory hears of it, owners Dataverse will not assign, webhooks during a paused
+//! reconciliation. Degrade, don't drop: the call is always logged, a live customer
+//! always recognised, and what was left out is said.
+
+use std::time::{Duration, Instant};
+
+use dataverse_emulator::Fault;
+use e2e::contact::{Kind, deliver, phonecalls, scenario};
+use e2e::{AwsResources, deadline, directory_entries, directory_sync, drain_retries, emulator};
+use e2e::{fixture, lifecycle};
+use serde_json::{Map, Value, json};
+use shared::directory_sync::{DirectorySync, WebhookRequest};
+use uuid::Uuid;
+
+const KEY: &str = "webhook-key-for-tests";
+const SAMPLE_INSTANCE: &str = "c714775e-f05f-4186-ad82-fe2ec415473e";
+const SAMPLE_AGENT: &str = "72df775f-4bad-4e6a-a431-df2e1440a45c";
+
+/// Runs every event of a fresh contact in order; returns the flow's answer.
+async fn run_contact(lifecycle: &shared::lifecycle::Lifecycle, aws: &AwsResources) -> Value {
+    let mut answer = Value::Null;
+    for (kind, event) in scenario(aws).await.events {
+        let result = deliver(lifecycle, kind, event).await;
+        if kind == Kind::Flow {
+            answer = result;
+        }
+    }
+    drain_retries(lifecycle, aws).await;
+    answer
+}
+
+/// The record holds every step's columns and is closed.
+fn assert_complete(record: &Map<String, Value>) {
+    assert_eq!(record["phonenumber"], "+447700900123", "{record:?}");
+    assert_eq!(record["actualstart"], "2025-03-11T09:41:06Z", "{record:?}");
+    assert_eq!(record["actualend"], "2025-03-11T13:26:48Z", "{record:?}");
+    let description = record["description"].as_str().unwrap_or_default();
+    assert!(description.contains("Chat transcript:"), "{description}");
+    assert_eq!(
+        (&record["statecode"], &record["statuscode"]),
+        (&json!(1), &json!(4))
+    );
+}
+
+/// Writes Dataverse refused with `status`.
+fn refusals(emulator: &dataverse_emulator::Emulator, status: u16) -> usize {
+    emulator
+        .requests()
+        .iter()
+        .filter(|r| r.method != "GET" && r.status == status)
+        .count()
+}
+
+#[tokio::test]
+async fn a_customer_deleted_before_the_directory_heard_costs_the_link_not_the_record() {
+    let emulator = emulator().await;
+    let aws = AwsResources::create().await;
+    let lifecycle = lifecycle(&emulator, &aws, "");
+    let sync = directory_sync(&emulator, &aws, "", KEY).await;
+    let customer = emulator.seed(
+        "contacts",
+        json!({"firstname": "Maren", "lastname": "Holt", "mobilephone": "07700 900123"}),
+    );
+    sync.sweep(deadline(30)).await.unwrap();
+    // Deleted in Dynamics; no webhook, no sweep since.
+    assert!(emulator.remove("contacts", customer));
+
+    let answer = run_contact(&lifecycle, &aws).await;
+    assert_eq!(answer["dynamics_status"], "created", "{answer}");
+    assert_eq!(answer["dynamics_customer_matched"], "false", "{answer}");
+    let records = phonecalls(&emulator);
+    assert_eq!(records.len(), 1, "one record");
+    assert_complete(&records[0]);
+    assert!(records[0].get("_regardingobjectid_value").is_none());
+    let letters = aws.dead_letters().await;
+    assert!(letters.is_empty(), "no dead letters: {letters:?}");
+    assert_eq!(refusals(&emulator, 404), 1, "one refused write");
+    // The stale entry is gone: the next call from the number matches no one and is not refused.
+    assert_eq!(directory_entries(&aws, "contact").await, 0);
+    let answer = run_contact(&lifecycle, &aws).await;
+    assert_eq!(answer["dynamics_customer_matched"], "false");
+    assert_eq!(
+        refusals(&emulator, 404),
+        1,
+        "the second call is not refused"
+    );
+    assert_eq!(phonecalls(&emulator).len(), 2);
+    println!(
+        "stale customer: {} records, {} dead letters, {} refused writes",
+        phonecalls(&emulator).len(),
+        letters.len(),
+        refusals(&emulator, 404)
+    );
+}
+
+#[tokio::test]
+async fn a_deleted_customer_bound_as_an_activity_party_costs_only_the_party() {
+    let emulator = emulator().await;
+    let aws = AwsResources::create().await;
+    let lifecycle = lifecycle(
+        &emulator,
+        &aws,
+        "contact:\n  bind_customer_as: activity_party\n",
+    );
+    let sync = directory_sync(&emulator, &aws, "", KEY).await;
+    let customer = emulator.seed(
+        "contacts",
+        json!({"lastname": "Holt", "mobilephone": "+447700900123"}),
+    );
+    sync.sweep(deadline(30)).await.unwrap();
+    emulator.remove("contacts", customer);
+    let answer = run_contact(&lifecycle, &aws).await;
+    assert_eq!(answer["dynamics_status"], "created", "{answer}");
+    let records = phonecalls(&emulator);
+    assert_eq!(records.len(), 1);
+    assert_complete(&records[0]);
+    assert!(records[0].get("phonecall_activity_parties").is_none());
+    assert!(aws.dead_letters().await.is_empty());
+}
+
+#[tokio::test]
+async fn an_owner_without_a_security_role_costs_the_owner_not_the_record() {
+    let emulator = emulator().await;
+    let aws = AwsResources::create().await;
+    emulator.add_connect_user(
+        SAMPLE_INSTANCE.parse().unwrap(),
+        SAMPLE_AGENT.parse().unwrap(),
+        "ana.silva",
+        Some("ana.silva@example.com"),
+    );
+    let owner = emulator.seed(
+        "systemusers",
+        json!({"fullname": "Ana Silva", "internalemailaddress": "ana.silva@example.com"}),
+    );
+    emulator.remove_security_roles(owner);
+    let lifecycle = lifecycle(
+        &emulator,
+        &aws,
+        "contact:\n  owner_from_agent: internalemailaddress\n",
+    );
+    run_contact(&lifecycle, &aws).await;
+    run_contact(&lifecycle, &aws).await;
+    let records = phonecalls(&emulator);
+    assert_eq!(records.len(), 2);
+    for record in &records {
+        assert_complete(record);
+        assert!(record.get("_ownerid_value").is_none(), "{record:?}");
+        let description = record["description"].as_str().unwrap_or_default();
+        assert!(description.contains("ana.silva"), "{description}");
+    }
+    assert!(aws.dead_letters().await.is_empty());
+    assert_eq!(
+        refusals(&emulator, 403),
+        1,
+        "the refused owner is remembered as no owner"
+    );
+}
+
+#[tokio::test]
+async fn a_disabled_user_is_never_made_the_owner() {
+    let emulator = emulator().await;
+    let aws = AwsResources::create().await;
+    emulator.add_connect_user(
+        SAMPLE_INSTANCE.parse().unwrap(),
+        SAMPLE_AGENT.parse().unwrap(),
+        "ana.silva",
+        Some("ana.silva@example.com"),
+    );
+    emulator.seed(
+        "systemusers",
+        json!({"fullname": "Ana Silva", "internalemailaddress": "ana.silva@example.com", "isdisabled": true}),
+    );
+    let lifecycle = lifecycle(
+        &emulator,
+        &aws,
+        "contact:\n  owner_from_agent: internalemailaddress\n",
+    );
+    run_contact(&lifecycle, &aws).await;
+    let records = phonecalls(&emulator);
+    assert_eq!(records.len(), 1);
+    assert_complete(&records[0]);
+    assert!(records[0].get("_ownerid_value").is_none());
+    assert!(aws.dead_letters().await.is_empty());
+}
+
+#[tokio::test]
+async fn a_write_refused_after_the_reopen_leaves_the_record_closed() {
+    let emulator = emulator().await;
+    let aws = AwsResources::create().await;
+    let lifecycle = lifecycle(&emulator, &aws, "");
+    let scenario = scenario(&aws).await;
+    let (events, recording) = scenario.events.split_at(4);
+    for (kind, event) in events {
+        deliver(&lifecycle, *kind, event.clone()).await;
+    }
+    assert_eq!(phonecalls(&emulator)[0]["statecode"], 1, "closed");
+    // The late recording: the reopen passes, the write after it is refused.
+    emulator.push_fault(Fault::Delay(Duration::ZERO));
+    emulator.push_fault(Fault::Status(400));
+    let (kind, event) = recording[0].clone();
+    deliver(&lifecycle, kind, event).await;
+    let record = &phonecalls(&emulator)[0];
+    assert_eq!(
+        (&record["statecode"], &record["statuscode"]),
+        (&json!(1), &json!(4)),
+        "closed again"
+    );
+    let letters = aws.dead_letters().await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let reason = letters[0]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("closed again"), "{reason}");
+}
+
+fn webhook(id: Uuid) -> WebhookRequest {
+    let mut body = fixture("dynamics-webhook-update.json");
+    body["PrimaryEntityId"] = json!(id.to_string());
+    WebhookRequest {
+        code: Some(KEY.to_owned()),
+        header: None,
+        body: body.to_string().into_bytes(),
+    }
+}
+
+async fn matches(sync: &DirectorySync, number: &str) -> usize {
+    let e164 = sync.config.phones.normalize(number).unwrap();
+    sync.directory.lookup(&e164).await.unwrap().len()
+}
+
+#[tokio::test]
+async fn webhooks_during_a_paused_reconciliation_are_kept_when_it_completes() {
+    let emulator = emulator().await;
+    let aws = AwsResources::create().await;
+    let yaml = "directory:\n  sweep_page_size: 50\n  entities:\n    - { entity_set: contacts, logical_name: contact, key: contactid, name: fullname, phones: [telephone1] }\n";
+    let sync = directory_sync(&emulator, &aws, yaml, KEY).await;
+    let ids: Vec<Uuid> = (0..200)
+        .map(|n| {
+            emulator.seed(
+                "contacts",
+                json!({"lastname": format!("C{n}"), "telephone1": format!("+4477009{n:05}")}),
+            )
+        })
+        .collect();
+    // The first pass reads a page, then Dynamics fails until the run gives up.
+    emulator.push_fault(Fault::Delay(Duration::ZERO));
+    for _ in 0..40 {
+        emulator.push_fault(Fault::Status(503));
+    }
+    let first = sync
+        .sweep(Instant::now() + Duration::from_secs(8))
+        .await
+        .unwrap();
+    assert!(!first[0].finished, "{first:?}");
+    emulator.clear_faults();
+    // Meanwhile: a record the pass has read is renumbered, a new one is created,
+    // each told by a webhook (and one webhook again, as a retry would).
+    let read: Vec<(usize, Uuid)> = {
+        let mut read = Vec::new();
+        for (n, id) in ids.iter().enumerate() {
+            if matches(&sync, &format!("+4477009{n:05}")).await == 1 {
+                read.push((n, *id));
+            }
+        }
+        read
+    };
+    assert!(
+        !read.is_empty() && read.len() < 200,
+        "paused part way: {} read",
+        read.len()
+    );
+    let (renumbered_n, renumbered) = read[0];
+    emulator.modify(
+        "contacts",
+        renumbered,
+        json!({"telephone1": "+447711900001"}),
+    );
+    let created = emulator.seed(
+        "contacts",
+        json!({"lastname": "New", "telephone1": "+447711900002"}),
+    );
+    // And some go without a word.
+    let deleted: Vec<Uuid> = ids.iter().skip(100).take(3).copied().collect();
+    for id in &deleted {
+        emulator.remove("contacts", *id);
+    }
+    for id in [renumbered, created, renumbered] {
+        let answer = sync.record_saved(webhook(id), deadline(20)).await;
+        assert_eq!(answer.status, 200, "{}", answer.body);
+    }
+    let mut runs = 0;
+    loop {
+        runs += 1;
+        let reports = sync.sweep(deadline(60)).await.unwrap();
+        if reports[0].finished {
+            break;
+        }
+        assert!(runs < 5, "the pass completes: {reports:?}");
+    }
+
+    assert_eq!(matches(&sync, "+447711900001").await, 1, "renumbered kept");
+    assert_eq!(matches(&sync, "+447711900002").await, 1, "created kept");
+    assert_eq!(
+        matches(&sync, &format!("+4477009{renumbered_n:05}")).await,
+        0,
+        "old number gone"
+    );
+    let mut missing = 0;
+    for (n, id) in ids.iter().enumerate() {
+        let expected = usize::from(!deleted.contains(id) && *id != renumbered);
+        if matches(&sync, &format!("+4477009{n:05}")).await != expected {
+            missing += 1;
+        }
+    }
+    assert_eq!(missing, 0, "every live row matches, no deleted one does");
+    assert_eq!(directory_entries(&aws, "contact").await, 198);
+    println!(
+        "paused pass: {} read before the pause, {missing} live entries missing",
+        read.len()
+    );
+}
