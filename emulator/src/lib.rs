@@ -127,6 +127,8 @@ struct Shared {
     describe_user_requests: AtomicUsize,
     /// `DescribeUser` calls still to be answered with `ThrottlingException`.
     describe_user_throttles: AtomicUsize,
+    /// The client secret Entra ID accepts now (`options.client_secret` until rotated).
+    client_secret: Mutex<String>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -153,6 +155,7 @@ impl Emulator {
         let listener = tokio::net::TcpListener::bind(address).await?;
         let address = listener.local_addr()?;
         let seed = options.seed;
+        let client_secret = Mutex::new(options.client_secret.clone());
         let shared = Arc::new(Shared {
             options,
             org_url: format!("http://{address}"),
@@ -167,6 +170,7 @@ impl Emulator {
             connect_users: Mutex::new(HashMap::new()),
             describe_user_requests: AtomicUsize::new(0),
             describe_user_throttles: AtomicUsize::new(0),
+            client_secret,
         });
         let router = Router::new()
             .route("/{tenant}/oauth2/v2.0/token", post(token))
@@ -296,6 +300,12 @@ impl Emulator {
         let mut store = lock(&self.shared.store);
         store.oldest_valid_delta = store.version + 1;
         store.version += 1;
+    }
+
+    /// Rotates the app's client secret: from now on only `secret` gets a token, the
+    /// old one is refused with `invalid_client` (AADSTS7000215), as after a rotation.
+    pub fn rotate_client_secret(&self, secret: &str) {
+        *lock(&self.shared.client_secret) = secret.to_owned();
     }
 
     /// Revokes every issued access token: the API answers 401 until a new one is fetched.
@@ -533,7 +543,7 @@ async fn token(
         );
     }
     let authenticated = match (&form.client_secret, &form.client_assertion) {
-        (Some(secret), None) => *secret == options.client_secret,
+        (Some(secret), None) => *secret == *lock(&shared.client_secret),
         (None, Some(assertion)) => {
             form.client_assertion_type.as_deref()
                 == Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer")

@@ -49,22 +49,46 @@ impl RetryPolicy {
         }
         let wait = match retry_after {
             // A little jitter on top keeps retried callers from arriving in lockstep.
-            Some(floor) => floor + self.backoff(1, fastrand::f64()) / 4,
+            Some(floor) => floor.saturating_add(self.backoff(1, fastrand::f64()) / 4),
             None => self.backoff(attempt, fastrand::f64()),
         };
-        (now + wait < deadline).then_some(wait)
+        // Any Retry-After, however large, only means "not before the deadline".
+        now.checked_add(wait)
+            .is_some_and(|at| at < deadline)
+            .then_some(wait)
     }
 }
 
 /// Parses `Retry-After` in its delay-seconds form, the one Dataverse sends.
 pub fn parse_retry_after(value: &str) -> Option<Duration> {
     let seconds: f64 = value.trim().parse().ok()?;
-    (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds))
+    (seconds >= 0.0).then(|| Duration::try_from_secs_f64(seconds).unwrap_or(Duration::MAX))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_retry_after_of_any_size_saturates_instead_of_panicking() {
+        let policy = RetryPolicy::default();
+        let now = Instant::now();
+        for value in [
+            "1e300",
+            "inf",
+            "18446744073709551616",
+            "99999999999999999999",
+        ] {
+            let wait = parse_retry_after(value);
+            assert_eq!(wait, Some(Duration::MAX), "{value}");
+            assert_eq!(
+                policy.next_wait(1, wait, now, now + Duration::from_secs(30)),
+                None
+            );
+        }
+        assert_eq!(parse_retry_after("NaN"), None);
+        assert_eq!(parse_retry_after("-1"), None);
+    }
 
     #[test]
     fn backoff_grows_exponentially_up_to_the_cap() {
