@@ -1,12 +1,12 @@
 //! OAuth 2.0 client credentials against the Microsoft Entra ID v2 token endpoint.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::Deserialize;
-use tokio::sync::OnceCell;
+use tokio::sync::Mutex;
 use url::Url;
 
 use crate::config::{Credential, DynamicsConfig};
@@ -52,9 +52,27 @@ pub enum TokenError {
 }
 
 impl TokenError {
+    /// Entra ID unavailable, or the credential refused: a secret rotation in
+    /// progress looks like that until Secrets Manager holds the value Entra ID
+    /// accepts, so it is retried within the retry window before it is dead-lettered.
     pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Unavailable(_))
+        matches!(self, Self::Unavailable(_)) || self.is_refused_credential()
     }
+
+    /// `invalid_client`: the secret (or certificate assertion) is not one Entra ID accepts.
+    pub fn is_refused_credential(&self) -> bool {
+        matches!(self, Self::Rejected { error, .. } if error == "invalid_client")
+    }
+}
+
+/// A rotated secret is looked for again at most this often per container.
+const SECRET_REREAD_INTERVAL: Duration = Duration::from_secs(60);
+
+/// The credential as last read, and when it was last re-read after a refusal.
+#[derive(Default)]
+struct LoadedSecret {
+    value: Option<Secret>,
+    reread_at: Option<Instant>,
 }
 
 #[derive(Deserialize)]
@@ -81,7 +99,9 @@ pub struct Authenticator {
     scope: String,
     credential: Credential,
     secrets: Option<aws_sdk_secretsmanager::Client>,
-    secret: OnceCell<Secret>,
+    secret: Mutex<LoadedSecret>,
+    /// A secret handed over directly (`with_secret`): there is nothing to re-read.
+    pinned: bool,
     requests: AtomicU64,
 }
 
@@ -108,7 +128,8 @@ impl Authenticator {
             scope: config.scope.clone(),
             credential: config.credential.clone(),
             secrets,
-            secret: OnceCell::new(),
+            secret: Mutex::default(),
+            pinned: false,
             requests: AtomicU64::new(0),
         }
     }
@@ -117,7 +138,11 @@ impl Authenticator {
     /// resolving the configured reference.
     pub fn with_secret(self, secret: Secret) -> Self {
         Self {
-            secret: OnceCell::new_with(Some(secret)),
+            secret: Mutex::new(LoadedSecret {
+                value: Some(secret),
+                reread_at: None,
+            }),
+            pinned: true,
             ..self
         }
     }
@@ -127,25 +152,77 @@ impl Authenticator {
         self.requests.load(Ordering::Relaxed)
     }
 
-    async fn secret(&self) -> Result<&Secret, TokenError> {
-        let reference = match &self.credential {
+    fn reference(&self) -> &crate::config::SecretRef {
+        match &self.credential {
             Credential::ClientSecret(reference) => reference,
             Credential::Certificate { private_key, .. } => private_key,
-        };
-        self.secret
-            .get_or_try_init(|| async {
-                reference
-                    .resolve(self.secrets.as_ref())
-                    .await
-                    .map_err(TokenError::Credential)
-            })
+        }
+    }
+
+    async fn resolve(&self) -> Result<Secret, TokenError> {
+        self.reference()
+            .resolve(self.secrets.as_ref())
             .await
+            .map_err(TokenError::Credential)
+    }
+
+    /// The secret, read on first use.
+    async fn secret(&self) -> Result<Secret, TokenError> {
+        let mut loaded = self.secret.lock().await;
+        if let Some(value) = &loaded.value {
+            return Ok(value.clone());
+        }
+        let value = self.resolve().await?;
+        loaded.value = Some(value.clone());
+        Ok(value)
+    }
+
+    /// After Entra ID refused `refused`: the secret as stored now, when it differs
+    /// (someone rotated it) and no re-read happened within the last minute.
+    async fn rotated_secret(&self, refused: &Secret) -> Result<Option<Secret>, TokenError> {
+        if self.pinned {
+            return Ok(None);
+        }
+        let mut loaded = self.secret.lock().await;
+        if loaded.value.as_ref() != Some(refused) {
+            // Another request already picked up a newer value.
+            return Ok(loaded.value.clone());
+        }
+        if loaded
+            .reread_at
+            .is_some_and(|at| at.elapsed() < SECRET_REREAD_INTERVAL)
+        {
+            return Ok(None);
+        }
+        loaded.reread_at = Some(Instant::now());
+        let current = self.resolve().await?;
+        if current == *refused {
+            return Ok(None);
+        }
+        tracing::warn!(
+            "the credential was refused and has changed where it is stored; using the new value"
+        );
+        loaded.value = Some(current.clone());
+        Ok(Some(current))
     }
 
     /// Asks Entra ID for a new token. Its lifetime is the `expires_in` the endpoint
-    /// returns (60 to 90 minutes, varying), never an assumed constant.
+    /// returns (60 to 90 minutes, varying), never an assumed constant. A refused
+    /// credential is read again from where it is stored (a rotation) and tried once more.
     pub async fn request_token(&self) -> Result<AccessToken, TokenError> {
         let secret = self.secret().await?;
+        match self.request_token_with(&secret).await {
+            Err(error) if error.is_refused_credential() => {
+                match self.rotated_secret(&secret).await? {
+                    Some(rotated) => self.request_token_with(&rotated).await,
+                    None => Err(error),
+                }
+            }
+            answer => answer,
+        }
+    }
+
+    async fn request_token_with(&self, secret: &Secret) -> Result<AccessToken, TokenError> {
         let mut form: Vec<(&str, String)> = vec![
             ("grant_type", "client_credentials".into()),
             ("client_id", self.client_id.clone()),

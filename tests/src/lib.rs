@@ -394,6 +394,37 @@ pub fn lifecycle_via(
     }
 }
 
+/// A lifecycle whose client secret lives in Secrets Manager (moto_server) under
+/// `secret_id`, read the way a deployed function reads it: lazily, and again when
+/// Entra ID refuses it.
+pub fn lifecycle_with_stored_secret(
+    emulator: &Emulator,
+    aws: &AwsResources,
+    secret_id: &str,
+) -> shared::lifecycle::Lifecycle {
+    let yaml = config_yaml(emulator).replace(
+        "{ client_secret: { env: CONNECT_DYNAMICS_TEST_SECRET } }",
+        &format!("{{ client_secret: {{ secrets_manager: {secret_id} }} }}"),
+    );
+    let config = Config::from_yaml(&yaml).expect("the test configuration is valid");
+    let http = DataverseClient::http_client().expect("http client");
+    let authenticator = Authenticator::new(
+        http.clone(),
+        &config.dynamics,
+        Some(aws_sdk_secretsmanager::Client::new(&aws.sdk)),
+    );
+    let store = token_store(&aws.dynamodb, &aws.token_table, emulator);
+    let mut lifecycle = lifecycle(emulator, aws, "");
+    lifecycle.dataverse = DataverseClient::new(
+        http,
+        config.dynamics.api_base.clone(),
+        TokenCache::new(authenticator, Some(store)),
+        RetryPolicy::default(),
+        config.dynamics.request_timeout,
+    );
+    lifecycle
+}
+
 /// Agent lookups through the AWS SDK's Connect client, answered by the emulator's `DescribeUser`.
 pub fn connect_agents(base: &str, aws: &AwsResources) -> shared::agents::AgentResolver {
     let client = aws_sdk_connect::Client::from_conf(

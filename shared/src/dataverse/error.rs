@@ -51,10 +51,12 @@ impl DataverseError {
             Self::Throttled { .. }
             | Self::Unavailable { .. }
             | Self::Network { .. }
-            | Self::DeadlineExceeded => true,
+            | Self::DeadlineExceeded
+            // Credentials being rotated or an application user being set up: retried
+            // within the retry window, then dead-lettered with what to fix.
+            | Self::Unauthorized => true,
             Self::Token(error) => error.is_transient(),
             Self::Rejected { .. }
-            | Self::Unauthorized
             | Self::DeltaExpired { .. }
             | Self::Protocol(_) => false,
         }
@@ -134,6 +136,6 @@ mod tests {
             }
             .is_transient()
         );
-        assert!(!DataverseError::Unauthorized.is_transient());
+        assert!(DataverseError::Unauthorized.is_transient());
     }
 }
