@@ -107,27 +107,19 @@ fn every_function_invoked_asynchronously_has_an_on_failure_destination() {
 }
 
 #[test]
-fn every_function_has_a_log_group_with_a_retention() {
+fn every_function_logs_to_a_log_group_with_a_retention() {
     let template = template();
-    let groups: Vec<(Option<String>, &Value)> = resources(&template, "AWS::Logs::LogGroup")
-        .into_iter()
-        .map(|(_, group)| {
-            let properties = &group["Properties"];
-            (
-                referenced(&properties["LogGroupName"]),
-                &properties["RetentionInDays"],
-            )
-        })
-        .collect();
-    for (function, _) in resources(&template, "AWS::Serverless::Function") {
+    let groups = resources(&template, "AWS::Logs::LogGroup");
+    for (function, resource) in resources(&template, "AWS::Serverless::Function") {
+        let group = referenced(&resource["Properties"]["LoggingConfig"]["LogGroup"]);
         let retention = groups
             .iter()
-            .find(|(name, _)| name.as_deref() == Some(function))
-            .map(|(_, retention)| referenced(retention));
+            .find(|(id, _)| Some(*id) == group.as_deref())
+            .map(|(_, group)| referenced(&group["Properties"]["RetentionInDays"]));
         assert_eq!(
             retention,
             Some(Some("LogRetentionDays".to_owned())),
-            "{function} needs a log group kept LogRetentionDays"
+            "{function} needs a log group of its own kept LogRetentionDays"
         );
     }
 }
