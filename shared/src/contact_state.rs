@@ -18,6 +18,9 @@ use crate::connect::{Source, Step, StepFacts};
 use crate::directory::Customer;
 use crate::store_error::{StoreError, is_condition_failure};
 
+/// How long an item holding only a lock (its first attempt crashed before saving) is kept.
+const LOCK_ONLY_TTL: Duration = Duration::from_secs(7 * 86_400);
+
 /// Everything known about one contact.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ContactState {
@@ -173,8 +176,16 @@ impl ContactStateStore {
                     .update_item()
                     .table_name(table)
                     .key("contact_id", AttributeValue::S(contact_id.to_string()))
-                    .update_expression("SET lock_owner = :owner, lock_until = :until")
+                    // A first attempt that crashed leaves only the lock: it expires too.
+                    .update_expression(
+                        "SET lock_owner = :owner, lock_until = :until, #ttl = if_not_exists(#ttl, :ttl)",
+                    )
                     .condition_expression("attribute_not_exists(lock_until) OR lock_until < :now")
+                    .expression_attribute_names("#ttl", "ttl")
+                    .expression_attribute_values(
+                        ":ttl",
+                        AttributeValue::N((now / 1000 + LOCK_ONLY_TTL.as_secs()).to_string()),
+                    )
                     .expression_attribute_values(":owner", AttributeValue::S(owner.to_owned()))
                     .expression_attribute_values(
                         ":until",

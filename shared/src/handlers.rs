@@ -15,6 +15,7 @@ use crate::directory_sync::{DirectoryRetry, DirectorySync, WebhookRequest};
 use crate::handoff::{DeadLetter, RetryMessage};
 use crate::lifecycle::{HandoffFailed, Lifecycle, Outcome, Report};
 use crate::observe;
+use crate::store_error::StoreError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HandlerError {
@@ -31,6 +32,11 @@ pub enum HandlerError {
 
 /// Time the function keeps back after its Dynamics work to store state and hand off.
 const RESERVE: Duration = Duration::from_millis(1500);
+
+/// Past the flow's budget: time for the state save after the Dynamics work, and
+/// then, if something still hangs, for handing the contact off. The flow answers
+/// within budget + 2 x this.
+const FLOW_GRACE: Duration = Duration::from_millis(500);
 
 /// The Lambda deadline (Unix milliseconds, as the runtime reports it) as an `Instant`.
 pub fn deadline_from(deadline: SystemTime) -> Instant {
@@ -157,9 +163,35 @@ pub async fn flow(
         .map(|instance| crate::connect::record_id(instance, contact_id));
     let budget = started + lifecycle.config.contact.flow_budget;
     let deadline = budget.min(work_deadline(lambda_deadline));
-    let report = lifecycle
-        .process(contact_id, Some(facts), 0, None, deadline, Some(&event))
-        .await?;
+    // The budget bounds Dynamics inside `process`; this bounds everything else on the
+    // flow path too (DynamoDB, the token endpoint, a lease), whatever hangs.
+    let work = lifecycle.process(
+        contact_id,
+        Some(facts.clone()),
+        0,
+        None,
+        deadline,
+        Some(&event),
+    );
+    let report = match tokio::time::timeout_at((deadline + FLOW_GRACE).into(), work).await {
+        Ok(report) => report?,
+        Err(_) => {
+            tracing::warn!(%contact_id, "a dependency outlasted the flow's budget; handing the contact off");
+            let reason =
+                "a dependency (DynamoDB, Entra ID or Dynamics) outlasted the flow's budget"
+                    .to_owned();
+            let handoff = lifecycle.defer_unfinished(facts, record, reason);
+            tokio::time::timeout(FLOW_GRACE, handoff)
+                .await
+                .map_err(|_| {
+                    HandoffFailed(StoreError::new(
+                        "SQS",
+                        "the hand-off outlasted the flow's budget",
+                        true,
+                    ))
+                })??
+        }
+    };
     finish(lifecycle, &report, started);
     Ok(flow_answer(lifecycle, record.or(report.record_id), &report))
 }

@@ -108,6 +108,10 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// Dataverse's `notetext` holds at most this many characters; the contact state
+/// keeps no more of a transcript than that, and only until its note exists.
+const NOTE_MAX_CHARS: usize = 100_000;
+
 /// The default first retry delay.
 pub const RETRY_BASE_DELAY: Duration = Duration::from_secs(10);
 
@@ -318,14 +322,24 @@ impl Lifecycle {
             .save(&state, lock, self.config.contact.state_ttl_days)
             .await
         {
+            let reason = format!("the contact's state could not be saved: {error}");
+            let age = Duration::from_secs(unix_now().saturating_sub(state.first_seen));
+            // One that can never succeed (an item over DynamoDB's size limit) or that
+            // outlasts the retry window is given up, with the event to replay.
+            if !error.is_transient() || age >= self.config.contact.retry_window {
+                self.dead_letter(&report, step, &reason, error.is_transient(), event)
+                    .await?;
+                report.outcome = Outcome::DeadLettered { reason };
+                return Ok(report);
+            }
             // The facts must not be lost: they travel with the retry message instead.
             tracing::warn!(%error, %contact_id, "contact state not saved; handing the event off");
             let message = RetryMessage {
                 contact_id,
                 facts,
-                attempt,
-                first_seen,
-                reason: format!("state not saved: {error}"),
+                attempt: attempt + 1,
+                first_seen: state.first_seen,
+                reason,
             };
             self.handoff
                 .retry_later(&message, retry_delay(self.retry_base_delay, attempt))
@@ -377,6 +391,39 @@ impl Lifecycle {
             }
         };
         Ok(report)
+    }
+
+    /// Hands a contact's facts to the retry queue without touching its state: the
+    /// flow's budget ran out on a slow dependency (DynamoDB, the token endpoint).
+    pub async fn defer_unfinished(
+        &self,
+        facts: StepFacts,
+        record_id: Option<Uuid>,
+        reason: String,
+    ) -> Result<Report, HandoffFailed> {
+        let message = RetryMessage {
+            contact_id: facts.contact_id,
+            facts: Some(facts.clone()),
+            attempt: 0,
+            first_seen: unix_now(),
+            reason,
+        };
+        self.handoff
+            .retry_later(&message, self.retry_base_delay)
+            .await?;
+        Ok(Report {
+            contact_id: Some(facts.contact_id),
+            step: Some(facts.step),
+            record_id,
+            customer: None,
+            outcome: Outcome::Deferred {
+                reason: message.reason,
+            },
+            dataverse_requests: 0,
+            dataverse_retries: 0,
+            dataverse_throttled: 0,
+            degraded: Vec::new(),
+        })
     }
 
     async fn dead_letter(
@@ -589,7 +636,7 @@ impl Lifecycle {
                     );
                     note.insert(
                         "notetext".into(),
-                        Value::String(text.chars().take(100_000).collect()),
+                        Value::String(text.chars().take(NOTE_MAX_CHARS).collect()),
                     );
                     note.insert(
                         format!("objectid_{}@odata.bind", contact.logical_name),
@@ -635,7 +682,15 @@ impl Lifecycle {
         loop {
             let was_closed = state.closed;
             let error = match self.write(state, record, &rendered, deadline).await {
-                Ok(()) => return Ok(newly_failed),
+                Ok(()) => {
+                    // A written note needs only its key (its id derives from it), not its text.
+                    for key in &state.notes {
+                        if let Some(facts) = state.recordings.get_mut(key) {
+                            facts.note = None;
+                        }
+                    }
+                    return Ok(newly_failed);
+                }
                 Err(error) => error,
             };
             if let Some(part) = refused_part(state, &rendered, &error) {
@@ -945,8 +1000,12 @@ impl Lifecycle {
                         tracing::warn!(key = candidate, "transcript is not JSON; linked only");
                         return Ok(None);
                     };
-                    return Ok(recording::transcript_text(&json)
-                        .map(|text| format!("{}\n\n{text}", kind.label())));
+                    return Ok(recording::transcript_text(&json).map(|text| {
+                        format!("{}\n\n{text}", kind.label())
+                            .chars()
+                            .take(NOTE_MAX_CHARS)
+                            .collect()
+                    }));
                 }
                 Err(error) if error.as_service_error().is_some_and(|e| e.is_no_such_key()) => {
                     continue;

@@ -115,8 +115,21 @@ struct Common {
     dataverse: DataverseClient,
 }
 
+/// Bounds on every AWS call: the SDK's defaults have no operation timeout, so a
+/// black-holed connection would hold an invocation until Lambda kills it.
+fn aws_timeouts() -> aws_config::timeout::TimeoutConfig {
+    aws_config::timeout::TimeoutConfig::builder()
+        .connect_timeout(std::time::Duration::from_secs(2))
+        .operation_attempt_timeout(std::time::Duration::from_secs(5))
+        .operation_timeout(std::time::Duration::from_secs(15))
+        .build()
+}
+
 async fn common() -> Result<Common, StartupError> {
-    let aws = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let aws = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .timeout_config(aws_timeouts())
+        .load()
+        .await;
     let s3 = aws_sdk_s3::Client::new(&aws);
     let dynamodb = aws_sdk_dynamodb::Client::new(&aws);
     let location = required(CONFIG_LOCATION_VAR)?;

@@ -236,7 +236,7 @@ impl TokenCache {
         }
         let token = match &self.store {
             Some(store) => self.shared_refresh(store, deadline).await?,
-            None => self.authenticator.request_token().await?,
+            None => self.request_token(deadline).await?,
         };
         *memory = Some(token.clone());
         Ok(token)
@@ -272,7 +272,7 @@ impl TokenCache {
                 Err(error) => {
                     table_errors += 1;
                     if table_errors >= MAX_TABLE_ERRORS || Instant::now() + pause >= deadline {
-                        return self.fallback(&error).await;
+                        return self.fallback(&error, deadline).await;
                     }
                     tokio::time::sleep(pause).await;
                     continue;
@@ -280,7 +280,7 @@ impl TokenCache {
             }
             match store.try_lease(&owner, self.refresh_margin).await {
                 Ok(true) => {
-                    let result = self.authenticator.request_token().await;
+                    let result = self.request_token(deadline).await;
                     for _ in 0..MAX_TABLE_ERRORS {
                         let stored = match &result {
                             Ok(token) => store.write(token).await,
@@ -308,7 +308,7 @@ impl TokenCache {
                 Err(error) => {
                     table_errors += 1;
                     if table_errors >= MAX_TABLE_ERRORS || Instant::now() + pause >= deadline {
-                        return self.fallback(&error).await;
+                        return self.fallback(&error, deadline).await;
                     }
                     tokio::time::sleep(pause).await;
                 }
@@ -317,8 +317,20 @@ impl TokenCache {
     }
 
     /// The table is unreachable: availability beats saving a token request.
-    async fn fallback(&self, error: &str) -> Result<AccessToken, TokenError> {
+    async fn fallback(&self, error: &str, deadline: Instant) -> Result<AccessToken, TokenError> {
         tracing::warn!(%error, "shared token cache unavailable; requesting a token directly");
-        self.authenticator.request_token().await
+        self.request_token(deadline).await
+    }
+
+    /// A token request that gives up at the caller's deadline: a slow Entra ID must
+    /// not hold the contact flow past its budget.
+    async fn request_token(&self, deadline: Instant) -> Result<AccessToken, TokenError> {
+        tokio::time::timeout_at(deadline.into(), self.authenticator.request_token())
+            .await
+            .unwrap_or_else(|_| {
+                Err(TokenError::Unavailable(
+                    "the token endpoint did not answer before the deadline".into(),
+                ))
+            })
     }
 }

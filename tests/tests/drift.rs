@@ -366,3 +366,128 @@ async fn a_secret_rotated_while_containers_are_warm_is_not_an_outage() {
         emulator.token_requests()
     );
 }
+
+/// The flow's answer within budget + 1 s, whatever hangs; then, with the dependency
+/// back, the retry queue makes the record.
+async fn flow_with_a_hanging_dependency(
+    emulator: &dataverse_emulator::Emulator,
+    aws: &AwsResources,
+    lifecycle: &shared::lifecycle::Lifecycle,
+) -> Value {
+    let scenario = scenario(aws).await;
+    let (_, flow_event) = scenario.events[0].clone();
+    let started = Instant::now();
+    let flow = shared::handlers::contact_created(lifecycle, flow_event, deadline(8));
+    let answer = tokio::time::timeout(Duration::from_secs(10), flow)
+        .await
+        .expect("the flow answers before its Lambda times out")
+        .expect("the flow gets an answer");
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed < Duration::from_secs(4),
+        "answered after {elapsed:?}: {answer}"
+    );
+    assert_eq!(answer["dynamics_status"], "pending", "{answer}");
+    assert!(answer["dynamics_record_id"].is_string());
+    assert!(phonecalls(emulator).is_empty(), "not yet written");
+    answer
+}
+
+#[tokio::test]
+async fn a_black_holed_dynamodb_request_costs_the_flow_its_budget_and_nothing_else() {
+    let emulator = emulator().await;
+    let aws = AwsResources::create().await;
+    // The flow's first request (the contact's lock in DynamoDB) never gets an answer.
+    let proxy =
+        e2e::crash_proxy::CrashProxy::start(emulator.org_url(), e2e::aws_endpoint(), Some(1)).await;
+    let via = aws.through(proxy.url());
+    let held = e2e::lifecycle_via(&emulator, proxy.url(), &via, "");
+    let answer = flow_with_a_hanging_dependency(&emulator, &aws, &held).await;
+    // The held request took the lock; it runs out, then the retry makes the record.
+    tokio::time::sleep(Duration::from_millis(10_500)).await;
+    drain_retries(&lifecycle(&emulator, &aws, ""), &aws).await;
+    let records = phonecalls(&emulator);
+    assert_eq!(records.len(), 1, "the record appears");
+    assert_eq!(records[0]["activityid"], answer["dynamics_record_id"]);
+    assert_eq!(records[0]["phonenumber"], "+447700900123");
+    assert!(aws.dead_letters().await.is_empty());
+}
+
+#[tokio::test]
+async fn a_slow_token_endpoint_costs_the_flow_its_budget_and_nothing_else() {
+    let emulator = e2e::emulator_with(dataverse_emulator::EmulatorOptions {
+        token_latency: Duration::from_secs(6),
+        ..Default::default()
+    })
+    .await;
+    let aws = AwsResources::create().await;
+    let lifecycle = lifecycle(&emulator, &aws, "");
+    let answer = flow_with_a_hanging_dependency(&emulator, &aws, &lifecycle).await;
+    drain_retries(&lifecycle, &aws).await;
+    let records = phonecalls(&emulator);
+    assert_eq!(records.len(), 1, "the record appears");
+    assert_eq!(records[0]["activityid"], answer["dynamics_record_id"]);
+    assert!(aws.dead_letters().await.is_empty());
+}
+
+/// The contact's state item as DynamoDB holds it.
+async fn state_item_bytes(aws: &AwsResources, contact_id: &str) -> usize {
+    let item = aws
+        .dynamodb
+        .get_item()
+        .table_name(&aws.state_table)
+        .key(
+            "contact_id",
+            aws_sdk_dynamodb::types::AttributeValue::S(contact_id.to_owned()),
+        )
+        .send()
+        .await
+        .unwrap()
+        .item
+        .unwrap_or_default();
+    item.get("state")
+        .and_then(|v| v.as_s().ok())
+        .map_or(0, String::len)
+}
+
+#[tokio::test]
+async fn a_long_chat_transcript_never_outgrows_the_contact_state() {
+    let emulator = emulator().await;
+    let aws = AwsResources::create().await;
+    let lifecycle = lifecycle(&emulator, &aws, "");
+    let scenario = scenario(&aws).await;
+    let (_, recording) = scenario.events[4].clone();
+    let key = recording["detail"]["object"]["key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // About 600 KB of chat (under the 1 MB transcript limit), as a long chat gives.
+    let lines: Vec<Value> = (0..6000)
+        .map(|n| json!({"Content": format!("message {n:05} {}", "x".repeat(80)), "ParticipantRole": "CUSTOMER", "DisplayName": "Nadia"}))
+        .collect();
+    aws.s3
+        .put_object()
+        .bucket(&aws.bucket)
+        .key(&key)
+        .body(json!({"Transcript": lines}).to_string().into_bytes().into())
+        .send()
+        .await
+        .unwrap();
+    for (kind, event) in scenario.events.clone() {
+        deliver(&lifecycle, kind, event).await;
+    }
+    assert_eq!(drain_retries(&lifecycle, &aws).await, 0, "nothing deferred");
+    assert!(aws.dead_letters().await.is_empty());
+    let notes = e2e::contact::notes(&emulator);
+    assert_eq!(notes.len(), 1);
+    assert_eq!(
+        notes[0].chars().count(),
+        100_000,
+        "the note holds what notetext can"
+    );
+    let state = state_item_bytes(&aws, &scenario.contact_id).await;
+    assert!(
+        state < 20_000,
+        "the state keeps no transcript text: {state} bytes"
+    );
+}
