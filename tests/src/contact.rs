@@ -158,6 +158,42 @@ pub async fn reference_record(
     (phonecalls(&emulator), notes(&emulator))
 }
 
+/// The Connect instance and agent of the sample events.
+pub const SAMPLE_INSTANCE: &str = "c714775e-f05f-4186-ad82-fe2ec415473e";
+pub const SAMPLE_AGENT: &str = "72df775f-4bad-4e6a-a431-df2e1440a45c";
+
+/// Makes the sample events' agent known to Connect's `DescribeUser`.
+pub fn sample_agent_is(emulator: &Emulator, username: &str, email: Option<&str>) {
+    emulator.add_connect_user(
+        SAMPLE_INSTANCE.parse().expect("a GUID"),
+        SAMPLE_AGENT.parse().expect("a GUID"),
+        username,
+        email,
+    );
+}
+
+/// A lifecycle that makes the agent's Dynamics user (matched by `column`) the owner.
+pub fn owner_lifecycle(emulator: &Emulator, aws: &AwsResources, column: &str) -> Lifecycle {
+    lifecycle(
+        emulator,
+        aws,
+        &format!("contact:\n  owner_from_agent: {column}\n"),
+    )
+}
+
+/// Every event of a fresh contact in order, then the retry queue until it is empty:
+/// the flow's answer and how many retries there were.
+pub async fn run_contact(lifecycle: &Lifecycle, aws: &AwsResources) -> (Value, usize) {
+    let mut answer = Value::Null;
+    for (kind, event) in scenario(aws).await.events {
+        let result = deliver(lifecycle, kind, event).await;
+        if kind == Kind::Flow {
+            answer = result;
+        }
+    }
+    (answer, drain_retries(lifecycle, aws).await)
+}
+
 /// A tiny deterministic generator (xorshift), so a failing seed replays.
 pub struct Rng(u64);
 pub fn fastrand_like(seed: u64) -> Rng {

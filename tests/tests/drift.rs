@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use dataverse_emulator::Fault;
-use e2e::contact::{Kind, deliver, phonecalls, scenario};
+use e2e::contact::{deliver, owner_lifecycle, phonecalls, sample_agent_is, scenario};
 use e2e::{AwsResources, deadline, directory_entries, directory_sync, drain_retries, emulator};
 use e2e::{fixture, lifecycle};
 use serde_json::{Map, Value, json};
@@ -14,20 +14,10 @@ use shared::directory_sync::{DirectorySync, WebhookRequest};
 use uuid::Uuid;
 
 const KEY: &str = "webhook-key-for-tests";
-const SAMPLE_INSTANCE: &str = "c714775e-f05f-4186-ad82-fe2ec415473e";
-const SAMPLE_AGENT: &str = "72df775f-4bad-4e6a-a431-df2e1440a45c";
 
 /// Runs every event of a fresh contact in order; returns the flow's answer.
 async fn run_contact(lifecycle: &shared::lifecycle::Lifecycle, aws: &AwsResources) -> Value {
-    let mut answer = Value::Null;
-    for (kind, event) in scenario(aws).await.events {
-        let result = deliver(lifecycle, kind, event).await;
-        if kind == Kind::Flow {
-            answer = result;
-        }
-    }
-    drain_retries(lifecycle, aws).await;
-    answer
+    e2e::contact::run_contact(lifecycle, aws).await.0
 }
 
 /// The record holds every step's columns and is closed.
@@ -123,22 +113,13 @@ async fn a_deleted_customer_bound_as_an_activity_party_costs_only_the_party() {
 async fn an_owner_without_a_security_role_costs_the_owner_not_the_record() {
     let emulator = emulator().await;
     let aws = AwsResources::create().await;
-    emulator.add_connect_user(
-        SAMPLE_INSTANCE.parse().unwrap(),
-        SAMPLE_AGENT.parse().unwrap(),
-        "ana.silva",
-        Some("ana.silva@example.com"),
-    );
+    sample_agent_is(&emulator, "ana.silva", Some("ana.silva@example.com"));
     let owner = emulator.seed(
         "systemusers",
         json!({"fullname": "Ana Silva", "internalemailaddress": "ana.silva@example.com"}),
     );
     emulator.remove_security_roles(owner);
-    let lifecycle = lifecycle(
-        &emulator,
-        &aws,
-        "contact:\n  owner_from_agent: internalemailaddress\n",
-    );
+    let lifecycle = owner_lifecycle(&emulator, &aws, "internalemailaddress");
     run_contact(&lifecycle, &aws).await;
     run_contact(&lifecycle, &aws).await;
     let records = phonecalls(&emulator);
@@ -161,21 +142,12 @@ async fn an_owner_without_a_security_role_costs_the_owner_not_the_record() {
 async fn a_disabled_user_is_never_made_the_owner() {
     let emulator = emulator().await;
     let aws = AwsResources::create().await;
-    emulator.add_connect_user(
-        SAMPLE_INSTANCE.parse().unwrap(),
-        SAMPLE_AGENT.parse().unwrap(),
-        "ana.silva",
-        Some("ana.silva@example.com"),
-    );
+    sample_agent_is(&emulator, "ana.silva", Some("ana.silva@example.com"));
     emulator.seed(
         "systemusers",
         json!({"fullname": "Ana Silva", "internalemailaddress": "ana.silva@example.com", "isdisabled": true}),
     );
-    let lifecycle = lifecycle(
-        &emulator,
-        &aws,
-        "contact:\n  owner_from_agent: internalemailaddress\n",
-    );
+    let lifecycle = owner_lifecycle(&emulator, &aws, "internalemailaddress");
     run_contact(&lifecycle, &aws).await;
     let records = phonecalls(&emulator);
     assert_eq!(records.len(), 1);

@@ -4,7 +4,10 @@
 use std::time::{Duration, Instant};
 
 use dataverse_emulator::Faults;
-use e2e::contact::{Kind, deliver, fastrand_like, notes, phonecalls, reference_record, scenario};
+use e2e::contact::{
+    Kind, SAMPLE_AGENT, deliver, fastrand_like, notes, owner_lifecycle, phonecalls,
+    reference_record, sample_agent_is, scenario,
+};
 use e2e::{AwsResources, deadline, drain_retries, emulator, fixture, lifecycle};
 use serde_json::{Value, json};
 use shared::handlers;
@@ -447,35 +450,21 @@ async fn recordings_can_be_linked_with_a_bounded_presigned_url() {
     );
 }
 
-const SAMPLE_INSTANCE: &str = "c714775e-f05f-4186-ad82-fe2ec415473e";
-const SAMPLE_AGENT: &str = "72df775f-4bad-4e6a-a431-df2e1440a45c";
-
 async fn run_contact(lifecycle: &Lifecycle, aws: &AwsResources) {
-    for (kind, event) in scenario(aws).await.events {
-        deliver(lifecycle, kind, event).await;
-    }
-    assert_eq!(drain_retries(lifecycle, aws).await, 0, "nothing deferred");
+    let (_, retries) = e2e::contact::run_contact(lifecycle, aws).await;
+    assert_eq!(retries, 0, "nothing deferred");
 }
 
 #[tokio::test]
 async fn the_agent_is_named_from_describe_user_and_owns_the_record() {
     let emulator = emulator().await;
     let aws = AwsResources::create().await;
-    emulator.add_connect_user(
-        SAMPLE_INSTANCE.parse().unwrap(),
-        SAMPLE_AGENT.parse().unwrap(),
-        "ana.silva",
-        Some("Ana.Silva@example.com"),
-    );
+    sample_agent_is(&emulator, "ana.silva", Some("Ana.Silva@example.com"));
     let owner = emulator.seed(
         "systemusers",
         json!({"fullname": "Ana Silva", "internalemailaddress": "ana.silva@example.com"}),
     );
-    let lifecycle = lifecycle(
-        &emulator,
-        &aws,
-        "contact:\n  owner_from_agent: internalemailaddress\n",
-    );
+    let lifecycle = owner_lifecycle(&emulator, &aws, "internalemailaddress");
     run_contact(&lifecycle, &aws).await;
     run_contact(&lifecycle, &aws).await;
 
@@ -511,11 +500,7 @@ async fn the_agent_is_named_from_describe_user_and_owns_the_record() {
 async fn an_agent_connect_or_dynamics_does_not_know_leaves_the_id_and_the_owner() {
     let emulator = emulator().await;
     let aws = AwsResources::create().await;
-    let lifecycle = lifecycle(
-        &emulator,
-        &aws,
-        "contact:\n  owner_from_agent: domainname\n",
-    );
+    let lifecycle = owner_lifecycle(&emulator, &aws, "domainname");
     run_contact(&lifecycle, &aws).await;
     let record = &phonecalls(&emulator)[0];
     let description = record["description"].as_str().unwrap();
@@ -527,17 +512,8 @@ async fn an_agent_connect_or_dynamics_does_not_know_leaves_the_id_and_the_owner(
     assert_eq!(emulator.describe_user_requests(), 1);
 
     // Known to Connect, unknown to Dynamics: named, owner untouched.
-    emulator.add_connect_user(
-        SAMPLE_INSTANCE.parse().unwrap(),
-        SAMPLE_AGENT.parse().unwrap(),
-        "ana.silva",
-        None,
-    );
-    let fresh = e2e::lifecycle(
-        &emulator,
-        &aws,
-        "contact:\n  owner_from_agent: domainname\n",
-    );
+    sample_agent_is(&emulator, "ana.silva", None);
+    let fresh = owner_lifecycle(&emulator, &aws, "domainname");
     run_contact(&fresh, &aws).await;
     let named = phonecalls(&emulator)
         .into_iter()
@@ -555,12 +531,7 @@ async fn an_agent_connect_or_dynamics_does_not_know_leaves_the_id_and_the_owner(
 async fn a_throttled_describe_user_defers_the_update_until_connect_answers() {
     let emulator = emulator().await;
     let aws = AwsResources::create().await;
-    emulator.add_connect_user(
-        SAMPLE_INSTANCE.parse().unwrap(),
-        SAMPLE_AGENT.parse().unwrap(),
-        "ana.silva",
-        None,
-    );
+    sample_agent_is(&emulator, "ana.silva", None);
     // More throttles than the SDK's own three attempts absorb.
     emulator.throttle_describe_user(4);
     let lifecycle = lifecycle(&emulator, &aws, "");
