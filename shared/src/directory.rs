@@ -380,7 +380,8 @@ impl CallerDirectory {
                         .build()
                         .map_err(|e| StoreError::new("DynamoDB", e.to_string(), false))
                         .map(|k| HashMap::from([(table.clone(), k)]))?;
-                    for _ in 0..8 {
+                    let mut attempt = 0u32;
+                    loop {
                         let output = client
                             .batch_get_item()
                             .set_request_items(Some(request))
@@ -406,9 +407,23 @@ impl CallerDirectory {
                                 old.insert(id, (phones_of(&item), modified_on));
                             }
                         }
+                        // Keys left unread would make stale phone items look current:
+                        // retried with backoff, and after the last retry an error.
                         match output.unprocessed_keys.filter(|u| !u.is_empty()) {
-                            Some(unprocessed) => request = unprocessed,
                             None => break,
+                            Some(unprocessed) if attempt < 8 => {
+                                attempt += 1;
+                                tokio::time::sleep(std::time::Duration::from_millis(50 << attempt))
+                                    .await;
+                                request = unprocessed;
+                            }
+                            Some(_) => {
+                                return Err(StoreError::new(
+                                    "DynamoDB",
+                                    "batch read left unprocessed keys after 8 retries",
+                                    true,
+                                ));
+                            }
                         }
                     }
                 }
