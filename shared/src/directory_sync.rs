@@ -465,6 +465,7 @@ impl DirectorySync {
         let page_size = self.config.sweep_page_size;
         let select = mapping.select();
         let mut started_delta = false;
+        let mut restarted = false;
         loop {
             if Instant::now() + SWEEP_RESERVE >= deadline {
                 self.checkpoints.save(entity, &checkpoint).await?;
@@ -512,6 +513,18 @@ impl DirectorySync {
                         Ok(page) => page,
                         Err(error) if error.is_transient() => {
                             return self.pause(entity, &checkpoint, report, &error).await;
+                        }
+                        // A next-page link Dataverse no longer takes (it expired while the
+                        // pass was paused) would fail every run the same way: start over.
+                        Err(
+                            error @ (DataverseError::Rejected { .. }
+                            | DataverseError::DeltaExpired { .. }),
+                        ) if next.is_some() && !restarted => {
+                            tracing::warn!(entity, %error, "the full read's next-page link was refused; restarting the pass");
+                            restarted = true;
+                            checkpoint.stamp = crate::directory::now_stamp();
+                            checkpoint.phase = Phase::Full { next: None };
+                            continue;
                         }
                         Err(error) => return Err(error.into()),
                     };

@@ -463,3 +463,39 @@ async fn a_long_chat_transcript_never_outgrows_the_contact_state() {
         "the state keeps no transcript text: {state} bytes"
     );
 }
+
+#[tokio::test]
+async fn a_refused_next_page_link_restarts_the_full_read_instead_of_sticking() {
+    let emulator = emulator().await;
+    let aws = AwsResources::create().await;
+    let yaml = "directory:\n  sweep_page_size: 50\n  entities:\n    - { entity_set: contacts, logical_name: contact, key: contactid, name: fullname, phones: [telephone1] }\n";
+    let sync = directory_sync(&emulator, &aws, yaml, KEY).await;
+    for n in 0..120 {
+        emulator.seed(
+            "contacts",
+            json!({"lastname": format!("C{n}"), "telephone1": format!("+4477009{n:05}")}),
+        );
+    }
+    // One page, then a pause.
+    emulator.push_fault(Fault::Delay(Duration::ZERO));
+    for _ in 0..40 {
+        emulator.push_fault(Fault::Status(503));
+    }
+    let first = sync
+        .sweep(Instant::now() + Duration::from_secs(8))
+        .await
+        .unwrap();
+    assert!(!first[0].finished, "{first:?}");
+    emulator.clear_faults();
+    // The saved next-page link is refused when the pass resumes.
+    emulator.push_fault(Fault::Status(400));
+    let second = sync
+        .sweep(deadline(60))
+        .await
+        .expect("the pass starts over");
+    assert!(
+        second[0].finished && second[0].full_reconciliation,
+        "{second:?}"
+    );
+    assert_eq!(directory_entries(&aws, "contact").await, 120);
+}
