@@ -357,6 +357,9 @@ pub struct SweepReport {
     pub full_reconciliation: bool,
     /// False when time ran out: the next run continues from the checkpoint.
     pub finished: bool,
+    /// Why this entity's sweep stopped, when it failed (the others still ran).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 pub enum CheckpointStore {
@@ -436,17 +439,57 @@ pub enum SweepError {
     Store(#[from] StoreError),
 }
 
+/// Some entity's sweep failed; every entity's report, the failed ones with `error`.
+#[derive(Debug, thiserror::Error)]
+#[error("sweep of {} failed", failed_entities(.reports))]
+pub struct SweepFailed {
+    pub reports: Vec<SweepReport>,
+}
+
+fn failed_entities(reports: &[SweepReport]) -> String {
+    reports
+        .iter()
+        .filter_map(|r| Some(format!("{}: {}", r.entity, r.error.as_deref()?)))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// Time kept back for saving the checkpoint after the last page.
 const SWEEP_RESERVE: Duration = Duration::from_secs(3);
 
 impl DirectorySync {
-    /// Sweeps every mapped entity, each as far as the deadline allows.
-    pub async fn sweep(&self, deadline: Instant) -> Result<Vec<SweepReport>, SweepError> {
+    /// Sweeps every mapped entity, each on its own: one that fails is reported
+    /// (`error`) and the others still run, and each gets a fair share of the time
+    /// left (what an entity does not use passes to the next), so the first cannot
+    /// starve the rest run after run.
+    pub async fn sweep(&self, deadline: Instant) -> Result<Vec<SweepReport>, SweepFailed> {
         let mut reports = Vec::new();
-        for mapping in &self.config.directory {
-            reports.push(self.sweep_entity(mapping, deadline).await?);
+        let count = self.config.directory.len();
+        for (index, mapping) in self.config.directory.iter().enumerate() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let share = left / u32::try_from(count - index).unwrap_or(1).max(1);
+            let entity_deadline = (Instant::now() + share).max(Instant::now() + SWEEP_RESERVE);
+            let report = match self
+                .sweep_entity(mapping, entity_deadline.min(deadline))
+                .await
+            {
+                Ok(report) => report,
+                Err(error) => {
+                    tracing::error!(entity = mapping.logical_name.as_str(), %error, "sweep of the entity failed; the others go on");
+                    SweepReport {
+                        entity: mapping.logical_name.as_str().to_owned(),
+                        error: Some(error.to_string()),
+                        ..SweepReport::default()
+                    }
+                }
+            };
+            reports.push(report);
         }
-        Ok(reports)
+        if reports.iter().any(|r| r.error.is_some()) {
+            Err(SweepFailed { reports })
+        } else {
+            Ok(reports)
+        }
     }
 
     /// One pass over an entity's changes (a full read when there is no valid delta

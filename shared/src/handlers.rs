@@ -460,28 +460,32 @@ pub async fn sync_sweep(
     lambda_deadline: Instant,
 ) -> Result<Value, HandlerError> {
     let started = Instant::now();
-    match sync.sweep(lambda_deadline).await {
-        Ok(reports) => {
-            for report in &reports {
-                tracing::info!(
-                    function = sync.function,
-                    entity = report.entity,
-                    pages = report.pages,
-                    upserted = report.upserted,
-                    deleted = report.deleted,
-                    removed_unseen = report.removed_unseen,
-                    refused = report.refused,
-                    full_reconciliation = report.full_reconciliation,
-                    finished = report.finished,
-                    latency_ms = started.elapsed().as_millis() as u64,
-                    "sweep"
-                );
-            }
-            Ok(serde_json::to_value(reports).unwrap_or_default())
-        }
-        Err(error) => {
-            tracing::error!(%error, "sweep stopped; the next run continues from the checkpoint");
-            Err(HandlerError::Unfinished(format!("sweep stopped: {error}")))
-        }
+    let result = sync.sweep(lambda_deadline).await;
+    let reports = match &result {
+        Ok(reports) => reports,
+        Err(failed) => &failed.reports,
+    };
+    for report in reports {
+        tracing::info!(
+            function = sync.function,
+            entity = report.entity,
+            pages = report.pages,
+            upserted = report.upserted,
+            deleted = report.deleted,
+            removed_unseen = report.removed_unseen,
+            refused = report.refused,
+            full_reconciliation = report.full_reconciliation,
+            finished = report.finished,
+            error = report.error.as_deref().unwrap_or_default(),
+            latency_ms = started.elapsed().as_millis() as u64,
+            "sweep"
+        );
+    }
+    // A failed entity fails the run, so the function's Errors alarm sees it.
+    match result {
+        Ok(reports) => Ok(serde_json::to_value(reports).unwrap_or_default()),
+        Err(failed) => Err(HandlerError::Unfinished(format!(
+            "{failed}; the next run continues from the checkpoints"
+        ))),
     }
 }

@@ -499,3 +499,29 @@ async fn a_refused_next_page_link_restarts_the_full_read_instead_of_sticking() {
     );
     assert_eq!(directory_entries(&aws, "contact").await, 120);
 }
+
+#[tokio::test]
+async fn an_entity_that_keeps_failing_does_not_stop_the_others() {
+    let emulator = emulator().await;
+    let aws = AwsResources::create().await;
+    let yaml = "directory:\n  entities:\n    - { entity_set: accounts, logical_name: account, key: accountid, name: name, phones: [telephone1] }\n    - { entity_set: contacts, logical_name: contact, key: contactid, name: fullname, phones: [telephone1] }\n";
+    let sync = directory_sync(&emulator, &aws, yaml, KEY).await;
+    emulator.set_change_tracking("accounts", false);
+    emulator.seed(
+        "contacts",
+        json!({"lastname": "Holt", "telephone1": "+447700900123"}),
+    );
+    let failed = sync
+        .sweep(deadline(60))
+        .await
+        .expect_err("the failing entity is reported");
+    assert_eq!(failed.reports.len(), 2, "{failed}");
+    assert!(failed.reports[0].error.is_some(), "{failed}");
+    assert!(failed.reports[1].finished && failed.reports[1].error.is_none());
+    assert!(failed.to_string().contains("account"), "{failed}");
+    assert_eq!(
+        directory_entries(&aws, "contact").await,
+        1,
+        "contacts still swept"
+    );
+}
