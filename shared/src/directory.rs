@@ -411,18 +411,13 @@ impl CallerDirectory {
                         // retried with backoff, and after the last retry an error.
                         match output.unprocessed_keys.filter(|u| !u.is_empty()) {
                             None => break,
-                            Some(unprocessed) if attempt < 8 => {
-                                attempt += 1;
-                                tokio::time::sleep(std::time::Duration::from_millis(50 << attempt))
-                                    .await;
+                            Some(unprocessed) => {
+                                back_off_unprocessed(
+                                    &mut attempt,
+                                    "batch read left unprocessed keys",
+                                )
+                                .await?;
                                 request = unprocessed;
-                            }
-                            Some(_) => {
-                                return Err(StoreError::new(
-                                    "DynamoDB",
-                                    "batch read left unprocessed keys after 8 retries",
-                                    true,
-                                ));
                             }
                         }
                     }
@@ -533,6 +528,22 @@ pub(crate) fn now_stamp() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Waits before sending a batch's unprocessed part again; after the last retry, an
+/// error: what DynamoDB left undone is never silently dropped.
+async fn back_off_unprocessed(attempt: &mut u32, what: &str) -> Result<(), StoreError> {
+    const RETRIES: u32 = 8;
+    if *attempt >= RETRIES {
+        return Err(StoreError::new(
+            "DynamoDB",
+            format!("{what} after {RETRIES} retries"),
+            true,
+        ));
+    }
+    *attempt += 1;
+    tokio::time::sleep(std::time::Duration::from_millis(50 << *attempt)).await;
+    Ok(())
+}
+
 /// BatchWriteItem in chunks of 25, retrying unprocessed items with backoff.
 async fn batch_write(
     client: &aws_sdk_dynamodb::Client,
@@ -554,17 +565,10 @@ async fn batch_write(
                 .filter(|u| u.values().any(|w| !w.is_empty()))
             {
                 None => break,
-                Some(unprocessed) if attempt < 8 => {
-                    attempt += 1;
-                    tokio::time::sleep(std::time::Duration::from_millis(50 << attempt)).await;
+                Some(unprocessed) => {
+                    back_off_unprocessed(&mut attempt, "batch write left unprocessed items")
+                        .await?;
                     pending = unprocessed;
-                }
-                Some(_) => {
-                    return Err(StoreError::new(
-                        "DynamoDB",
-                        "batch write left unprocessed items after 8 retries",
-                        true,
-                    ));
                 }
             }
         }

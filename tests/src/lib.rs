@@ -513,6 +513,30 @@ pub async fn directory_sync(
     }
 }
 
+/// A directory of contacts found by `telephone1`, read `page_size` records a page.
+pub fn contacts_directory_yaml(page_size: u32) -> String {
+    format!(
+        "directory:\n  sweep_page_size: {page_size}\n  entities:\n    - {{ entity_set: contacts, logical_name: contact, key: contactid, name: fullname, phones: [telephone1] }}\n"
+    )
+}
+
+/// The phone number of the `n`-th contact [`seed_numbered_contacts`] makes.
+pub fn numbered_phone(n: usize) -> String {
+    format!("+4477009{n:05}")
+}
+
+/// `count` contacts in Dynamics, the `n`-th named `C<n>` with [`numbered_phone`]`(n)`; their ids in order.
+pub fn seed_numbered_contacts(emulator: &Emulator, count: usize) -> Vec<uuid::Uuid> {
+    (0..count)
+        .map(|n| {
+            emulator.seed(
+                "contacts",
+                serde_json::json!({"lastname": format!("C{n}"), "telephone1": numbered_phone(n)}),
+            )
+        })
+        .collect()
+}
+
 /// Entries of one entity in the directory table.
 pub async fn directory_entries(aws: &AwsResources, entity: &str) -> usize {
     let mut count = 0;

@@ -3,7 +3,10 @@
 
 use std::time::{Duration, Instant};
 
-use e2e::{AwsResources, deadline, directory_entries, directory_sync, emulator, fixture};
+use e2e::{
+    AwsResources, contacts_directory_yaml, deadline, directory_entries, directory_sync, emulator,
+    fixture, seed_numbered_contacts,
+};
 use serde_json::{Value, json};
 use shared::directory::best_match;
 use shared::directory_sync::{DirectorySync, WebhookRequest};
@@ -187,15 +190,8 @@ async fn throttled_fetch_is_accepted_and_completed_later() {
 async fn sweep_reconciles_changes_and_deletions_without_webhooks() {
     let emulator = emulator().await;
     let aws = AwsResources::create().await;
-    let sync = directory_sync(&emulator, &aws, "directory:\n  sweep_page_size: 200\n  entities:\n    - { entity_set: contacts, logical_name: contact, key: contactid, name: fullname, phones: [telephone1] }\n", KEY).await;
-    let ids: Vec<Uuid> = (0..1000)
-        .map(|n| {
-            emulator.seed(
-                "contacts",
-                json!({"lastname": format!("C{n}"), "telephone1": format!("+4477009{n:05}")}),
-            )
-        })
-        .collect();
+    let sync = directory_sync(&emulator, &aws, &contacts_directory_yaml(200), KEY).await;
+    let ids = seed_numbered_contacts(&emulator, 1000);
     let reports = sync.sweep(deadline(120)).await.unwrap();
     assert!(
         reports[0].finished && reports[0].full_reconciliation,
@@ -264,14 +260,8 @@ async fn sweep_reconciles_changes_and_deletions_without_webhooks() {
 async fn an_interrupted_sweep_finishes_over_several_runs_with_the_same_result() {
     let emulator = emulator().await;
     let aws = AwsResources::create().await;
-    let yaml = "directory:\n  sweep_page_size: 50\n  entities:\n    - { entity_set: contacts, logical_name: contact, key: contactid, name: fullname, phones: [telephone1] }\n";
-    let sync = directory_sync(&emulator, &aws, yaml, KEY).await;
-    for n in 0..400 {
-        emulator.seed(
-            "contacts",
-            json!({"lastname": format!("C{n}"), "telephone1": format!("+4477009{n:05}")}),
-        );
-    }
+    let sync = directory_sync(&emulator, &aws, &contacts_directory_yaml(50), KEY).await;
+    seed_numbered_contacts(&emulator, 400);
     // Each run gets a sliver of time past the sweep's reserve: a page or two.
     let mut runs = 0;
     loop {

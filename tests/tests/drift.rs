@@ -7,7 +7,10 @@ use std::time::{Duration, Instant};
 
 use dataverse_emulator::Fault;
 use e2e::contact::{deliver, owner_lifecycle, phonecalls, sample_agent_is, scenario};
-use e2e::{AwsResources, deadline, directory_entries, directory_sync, drain_retries, emulator};
+use e2e::{
+    AwsResources, contacts_directory_yaml, deadline, directory_entries, directory_sync,
+    drain_retries, emulator, numbered_phone, seed_numbered_contacts,
+};
 use e2e::{fixture, lifecycle};
 use serde_json::{Map, Value, json};
 use shared::directory_sync::{DirectorySync, WebhookRequest};
@@ -109,15 +112,23 @@ async fn a_deleted_customer_bound_as_an_activity_party_costs_only_the_party() {
     assert!(aws.dead_letters().await.is_empty());
 }
 
+/// The sample agent, known to Connect as ana.silva, and a Dynamics user with the
+/// same email and `columns`; the user's id.
+fn agent_with_dynamics_user(emulator: &dataverse_emulator::Emulator, columns: Value) -> Uuid {
+    sample_agent_is(emulator, "ana.silva", Some("ana.silva@example.com"));
+    let mut user =
+        json!({"fullname": "Ana Silva", "internalemailaddress": "ana.silva@example.com"});
+    if let (Some(user), Value::Object(columns)) = (user.as_object_mut(), columns) {
+        user.extend(columns);
+    }
+    emulator.seed("systemusers", user)
+}
+
 #[tokio::test]
 async fn an_owner_without_a_security_role_costs_the_owner_not_the_record() {
     let emulator = emulator().await;
     let aws = AwsResources::create().await;
-    sample_agent_is(&emulator, "ana.silva", Some("ana.silva@example.com"));
-    let owner = emulator.seed(
-        "systemusers",
-        json!({"fullname": "Ana Silva", "internalemailaddress": "ana.silva@example.com"}),
-    );
+    let owner = agent_with_dynamics_user(&emulator, json!({}));
     emulator.remove_security_roles(owner);
     let lifecycle = owner_lifecycle(&emulator, &aws, "internalemailaddress");
     run_contact(&lifecycle, &aws).await;
@@ -142,11 +153,7 @@ async fn an_owner_without_a_security_role_costs_the_owner_not_the_record() {
 async fn a_disabled_user_is_never_made_the_owner() {
     let emulator = emulator().await;
     let aws = AwsResources::create().await;
-    sample_agent_is(&emulator, "ana.silva", Some("ana.silva@example.com"));
-    emulator.seed(
-        "systemusers",
-        json!({"fullname": "Ana Silva", "internalemailaddress": "ana.silva@example.com", "isdisabled": true}),
-    );
+    agent_with_dynamics_user(&emulator, json!({"isdisabled": true}));
     let lifecycle = owner_lifecycle(&emulator, &aws, "internalemailaddress");
     run_contact(&lifecycle, &aws).await;
     let records = phonecalls(&emulator);
@@ -199,21 +206,9 @@ async fn matches(sync: &DirectorySync, number: &str) -> usize {
     sync.directory.lookup(&e164).await.unwrap().len()
 }
 
-#[tokio::test]
-async fn webhooks_during_a_paused_reconciliation_are_kept_when_it_completes() {
-    let emulator = emulator().await;
-    let aws = AwsResources::create().await;
-    let yaml = "directory:\n  sweep_page_size: 50\n  entities:\n    - { entity_set: contacts, logical_name: contact, key: contactid, name: fullname, phones: [telephone1] }\n";
-    let sync = directory_sync(&emulator, &aws, yaml, KEY).await;
-    let ids: Vec<Uuid> = (0..200)
-        .map(|n| {
-            emulator.seed(
-                "contacts",
-                json!({"lastname": format!("C{n}"), "telephone1": format!("+4477009{n:05}")}),
-            )
-        })
-        .collect();
-    // The first pass reads a page, then Dynamics fails until the run gives up.
+/// A full pass that reads one page, then meets Dynamics failing until the run
+/// gives up: paused at its checkpoint.
+async fn pause_after_one_page(emulator: &dataverse_emulator::Emulator, sync: &DirectorySync) {
     emulator.push_fault(Fault::Delay(Duration::ZERO));
     for _ in 0..40 {
         emulator.push_fault(Fault::Status(503));
@@ -224,12 +219,21 @@ async fn webhooks_during_a_paused_reconciliation_are_kept_when_it_completes() {
         .unwrap();
     assert!(!first[0].finished, "{first:?}");
     emulator.clear_faults();
+}
+
+#[tokio::test]
+async fn webhooks_during_a_paused_reconciliation_are_kept_when_it_completes() {
+    let emulator = emulator().await;
+    let aws = AwsResources::create().await;
+    let sync = directory_sync(&emulator, &aws, &contacts_directory_yaml(50), KEY).await;
+    let ids = seed_numbered_contacts(&emulator, 200);
+    pause_after_one_page(&emulator, &sync).await;
     // Meanwhile: a record the pass has read is renumbered, a new one is created,
     // each told by a webhook (and one webhook again, as a retry would).
     let read: Vec<(usize, Uuid)> = {
         let mut read = Vec::new();
         for (n, id) in ids.iter().enumerate() {
-            if matches(&sync, &format!("+4477009{n:05}")).await == 1 {
+            if matches(&sync, &numbered_phone(n)).await == 1 {
                 read.push((n, *id));
             }
         }
@@ -277,14 +281,14 @@ async fn webhooks_during_a_paused_reconciliation_are_kept_when_it_completes() {
     assert_eq!(matches(&sync, "+447711900001").await, 1, "renumbered kept");
     assert_eq!(matches(&sync, "+447711900002").await, 1, "created kept");
     assert_eq!(
-        matches(&sync, &format!("+4477009{renumbered_n:05}")).await,
+        matches(&sync, &numbered_phone(renumbered_n)).await,
         0,
         "old number gone"
     );
     let mut missing = 0;
     for (n, id) in ids.iter().enumerate() {
         let expected = usize::from(!deleted.contains(id) && *id != renumbered);
-        if matches(&sync, &format!("+4477009{n:05}")).await != expected {
+        if matches(&sync, &numbered_phone(n)).await != expected {
             missing += 1;
         }
     }
@@ -468,25 +472,9 @@ async fn a_long_chat_transcript_never_outgrows_the_contact_state() {
 async fn a_refused_next_page_link_restarts_the_full_read_instead_of_sticking() {
     let emulator = emulator().await;
     let aws = AwsResources::create().await;
-    let yaml = "directory:\n  sweep_page_size: 50\n  entities:\n    - { entity_set: contacts, logical_name: contact, key: contactid, name: fullname, phones: [telephone1] }\n";
-    let sync = directory_sync(&emulator, &aws, yaml, KEY).await;
-    for n in 0..120 {
-        emulator.seed(
-            "contacts",
-            json!({"lastname": format!("C{n}"), "telephone1": format!("+4477009{n:05}")}),
-        );
-    }
-    // One page, then a pause.
-    emulator.push_fault(Fault::Delay(Duration::ZERO));
-    for _ in 0..40 {
-        emulator.push_fault(Fault::Status(503));
-    }
-    let first = sync
-        .sweep(Instant::now() + Duration::from_secs(8))
-        .await
-        .unwrap();
-    assert!(!first[0].finished, "{first:?}");
-    emulator.clear_faults();
+    let sync = directory_sync(&emulator, &aws, &contacts_directory_yaml(50), KEY).await;
+    seed_numbered_contacts(&emulator, 120);
+    pause_after_one_page(&emulator, &sync).await;
     // The saved next-page link is refused when the pass resumes.
     emulator.push_fault(Fault::Status(400));
     let second = sync
