@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
 
+use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::{
     AttributeValue, DeleteRequest, KeysAndAttributes, PutRequest, WriteRequest,
 };
@@ -216,29 +217,94 @@ fn customer_attributes(customer: &Customer) -> Item {
     item
 }
 
-fn entry_item(entry: &DirectoryEntry, customer: &Customer, stamp: u64) -> Item {
+fn entry_item(
+    entry: &DirectoryEntry,
+    customer: &Customer,
+    stamp: u64,
+    rev: &str,
+    stale_phones: &[String],
+) -> Item {
     let mut item = customer_attributes(customer);
     item.extend(entry_key(&entry.entity, entry.id));
-    item.insert(
-        "phones".to_owned(),
-        AttributeValue::L(
-            entry
-                .phones
-                .iter()
-                .cloned()
-                .map(AttributeValue::S)
-                .collect(),
-        ),
-    );
+    item.insert("phones".to_owned(), string_list(&entry.phones));
+    if !stale_phones.is_empty() {
+        item.insert("stale_phones".to_owned(), string_list(stale_phones));
+    }
     item.insert("stamp".to_owned(), AttributeValue::N(stamp.to_string()));
+    item.insert("rev".to_owned(), AttributeValue::S(rev.to_owned()));
     item
 }
 
-fn phones_of(item: &Item) -> Vec<String> {
-    item.get("phones")
+fn string_list(values: &[String]) -> AttributeValue {
+    AttributeValue::L(values.iter().cloned().map(AttributeValue::S).collect())
+}
+
+fn list_of(item: &Item, name: &str) -> Vec<String> {
+    item.get(name)
         .and_then(|v| v.as_l().ok())
         .map(|list| list.iter().filter_map(|v| v.as_s().ok().cloned()).collect())
         .unwrap_or_default()
+}
+
+fn id_of(item: &Item) -> Option<Uuid> {
+    item.get("id")
+        .and_then(|v| v.as_s().ok())
+        .and_then(|s| Uuid::try_parse(s).ok())
+}
+
+/// What a write needs to know of the entry it replaces.
+struct StoredEntry {
+    phones: Vec<String>,
+    /// Numbers an earlier write dropped whose phone items it may not have deleted
+    /// (it failed or stopped after the entry): they still have to go.
+    stale_phones: Vec<String>,
+    modified_on: String,
+    /// Changes on every write, so a conditional write knows nobody wrote in between.
+    rev: Option<String>,
+}
+
+impl StoredEntry {
+    const PROJECTION: &'static str = "id, phones, stale_phones, modified_on, rev";
+
+    fn of(item: &Item) -> Self {
+        Self {
+            phones: list_of(item, "phones"),
+            stale_phones: list_of(item, "stale_phones"),
+            modified_on: item
+                .get("modified_on")
+                .and_then(|v| v.as_s().ok())
+                .cloned()
+                .unwrap_or_default(),
+            rev: item.get("rev").and_then(|v| v.as_s().ok()).cloned(),
+        }
+    }
+
+    /// The numbers whose phone items must go once the entry lists only `phones`.
+    fn leftovers(&self, phones: &[String]) -> Vec<String> {
+        let kept: BTreeSet<&String> = phones.iter().collect();
+        let gone: BTreeSet<&String> = self
+            .phones
+            .iter()
+            .chain(&self.stale_phones)
+            .filter(|n| !kept.contains(n))
+            .collect();
+        gone.into_iter().cloned().collect()
+    }
+}
+
+/// A condition that holds only while the entry is still the one read (`None`: still absent).
+fn unchanged_since(stored: Option<&StoredEntry>) -> (&'static str, Option<Item>) {
+    match stored {
+        None => ("attribute_not_exists(pk)", None),
+        Some(StoredEntry { rev: Some(rev), .. }) => (
+            "rev = :rev",
+            Some(HashMap::from([(
+                ":rev".to_owned(),
+                AttributeValue::S(rev.clone()),
+            )])),
+        ),
+        Some(_) => ("attribute_exists(pk) AND attribute_not_exists(rev)", None),
+    }
 }
 
 /// The phone items to write and to delete when an entry's numbers change.
@@ -262,6 +328,17 @@ fn phone_writes(customer: &Customer, new: &[String], old: &[String]) -> Vec<Writ
     writes
 }
 
+fn phone_deletes<'a>(
+    numbers: impl IntoIterator<Item = &'a String>,
+    entity: &str,
+    id: Uuid,
+) -> Vec<WriteRequest> {
+    numbers
+        .into_iter()
+        .map(|n| delete_request(phone_key(n, entity, id)))
+        .collect()
+}
+
 fn delete_request(key: Item) -> WriteRequest {
     let delete = DeleteRequest::builder().set_key(Some(key)).build();
     match delete {
@@ -270,9 +347,33 @@ fn delete_request(key: Item) -> WriteRequest {
     }
 }
 
+/// How often a write reads again because another write changed the entry in between.
+const WRITE_RACES: u32 = 5;
+
+fn kept_changing(entity: &str, id: Uuid) -> StoreError {
+    StoreError::new(
+        "DynamoDB",
+        format!("directory entry {entity} {id} kept changing during {WRITE_RACES} attempts"),
+        true,
+    )
+}
+
+/// What a full reconciliation removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Removed {
+    /// Entries of records the pass did not see.
+    pub entries: usize,
+    /// Phone items no entry lists (left by a write that failed half way).
+    pub orphan_phones: usize,
+}
+
 impl CallerDirectory {
     /// Writes one entry, unless a newer version (by modified-on) is stored: an older
     /// webhook never overwrites a newer one, so replays and reordering converge.
+    ///
+    /// The entry is written first and remembers the numbers it dropped until their
+    /// phone items are gone, so a retry after a failure half way still deletes them;
+    /// a conditional write makes concurrent writes of one record take turns.
     pub async fn put(
         &self,
         entry: &DirectoryEntry,
@@ -281,29 +382,44 @@ impl CallerDirectory {
         let customer = customer_of(entry, mapping);
         match self {
             Self::DynamoDb { client, table } => {
-                let result = client
-                    .put_item()
-                    .table_name(table)
-                    .set_item(Some(entry_item(entry, &customer, now_stamp())))
-                    .condition_expression("attribute_not_exists(pk) OR modified_on <= :modified")
-                    .expression_attribute_values(
-                        ":modified",
-                        AttributeValue::S(entry.modified_on.clone()),
-                    )
-                    .return_values(aws_sdk_dynamodb::types::ReturnValue::AllOld)
-                    .send()
-                    .await;
-                let old = match result {
-                    Ok(output) => output
-                        .attributes
+                for _ in 0..WRITE_RACES {
+                    let stored = read_entry(client, table, &entry.entity, entry.id).await?;
+                    if stored
                         .as_ref()
-                        .map(phones_of)
-                        .unwrap_or_default(),
-                    Err(error) if is_condition_failure(&error) => return Ok(WriteOutcome::Stale),
-                    Err(error) => return Err(StoreError::from_sdk("DynamoDB", error)),
-                };
-                batch_write(client, table, phone_writes(&customer, &entry.phones, &old)).await?;
-                Ok(WriteOutcome::Written)
+                        .is_some_and(|s| s.modified_on > entry.modified_on)
+                    {
+                        return Ok(WriteOutcome::Stale);
+                    }
+                    let leftovers = stored
+                        .as_ref()
+                        .map(|s| s.leftovers(&entry.phones))
+                        .unwrap_or_default();
+                    let rev = Uuid::new_v4().to_string();
+                    let (condition, values) = unchanged_since(stored.as_ref());
+                    let item = entry_item(entry, &customer, now_stamp(), &rev, &leftovers);
+                    let result = client
+                        .put_item()
+                        .table_name(table)
+                        .set_item(Some(item))
+                        .condition_expression(condition)
+                        .set_expression_attribute_values(values)
+                        .send()
+                        .await;
+                    match result {
+                        Ok(_) => {}
+                        Err(error) if is_condition_failure(&error) => continue,
+                        Err(error) => return Err(StoreError::from_sdk("DynamoDB", error)),
+                    }
+                    batch_write(
+                        client,
+                        table,
+                        phone_writes(&customer, &entry.phones, &leftovers),
+                    )
+                    .await?;
+                    settle(client, table, &customer, &entry.phones, &rev).await?;
+                    return Ok(WriteOutcome::Written);
+                }
+                Err(kept_changing(&entry.entity, entry.id))
             }
             Self::Memory(entries) => {
                 let mut entries = entries.lock().unwrap_or_else(|p| p.into_inner());
@@ -320,27 +436,37 @@ impl CallerDirectory {
         }
     }
 
-    /// Removes an entry and its phone items.
+    /// Removes an entry and its phone items: the phone items first, so a retry after
+    /// a failure still finds the entry that lists them.
     pub async fn remove(&self, entity: &str, id: Uuid) -> Result<WriteOutcome, StoreError> {
         match self {
             Self::DynamoDb { client, table } => {
-                let output = client
-                    .delete_item()
-                    .table_name(table)
-                    .set_key(Some(entry_key(entity, id)))
-                    .return_values(aws_sdk_dynamodb::types::ReturnValue::AllOld)
-                    .send()
-                    .await
-                    .map_err(|e| StoreError::from_sdk("DynamoDB", e))?;
-                let Some(old) = output.attributes else {
-                    return Ok(WriteOutcome::Absent);
-                };
-                let deletes = phones_of(&old)
-                    .iter()
-                    .map(|n| delete_request(phone_key(n, entity, id)))
-                    .collect();
-                batch_write(client, table, deletes).await?;
-                Ok(WriteOutcome::Deleted)
+                for _ in 0..WRITE_RACES {
+                    let Some(stored) = read_entry(client, table, entity, id).await? else {
+                        return Ok(WriteOutcome::Absent);
+                    };
+                    batch_write(
+                        client,
+                        table,
+                        phone_deletes(&stored.leftovers(&[]), entity, id),
+                    )
+                    .await?;
+                    let (condition, values) = unchanged_since(Some(&stored));
+                    let result = client
+                        .delete_item()
+                        .table_name(table)
+                        .set_key(Some(entry_key(entity, id)))
+                        .condition_expression(condition)
+                        .set_expression_attribute_values(values)
+                        .send()
+                        .await;
+                    match result {
+                        Ok(_) => return Ok(WriteOutcome::Deleted),
+                        Err(error) if is_condition_failure(&error) => continue,
+                        Err(error) => return Err(StoreError::from_sdk("DynamoDB", error)),
+                    }
+                }
+                Err(kept_changing(entity, id))
             }
             Self::Memory(entries) => {
                 let removed = entries
@@ -370,80 +496,39 @@ impl CallerDirectory {
             Self::DynamoDb { client, table } => {
                 // The stored numbers, to drop phone items of numbers a record no longer
                 // has, and versions, to keep what a webhook wrote since the page was read.
-                let mut old: HashMap<Uuid, (Vec<String>, String)> = HashMap::new();
-                for chunk in entries.chunks(100) {
-                    let keys: Vec<Item> =
-                        chunk.iter().map(|e| entry_key(&e.entity, e.id)).collect();
-                    let mut request = KeysAndAttributes::builder()
-                        .set_keys(Some(keys))
-                        .projection_expression("id, phones, modified_on")
-                        .build()
-                        .map_err(|e| StoreError::new("DynamoDB", e.to_string(), false))
-                        .map(|k| HashMap::from([(table.clone(), k)]))?;
-                    let mut attempt = 0u32;
-                    loop {
-                        let output = client
-                            .batch_get_item()
-                            .set_request_items(Some(request))
-                            .send()
-                            .await
-                            .map_err(|e| StoreError::from_sdk("DynamoDB", e))?;
-                        for item in output
-                            .responses
-                            .unwrap_or_default()
-                            .remove(table)
-                            .unwrap_or_default()
-                        {
-                            if let Some(id) = item
-                                .get("id")
-                                .and_then(|v| v.as_s().ok())
-                                .and_then(|s| Uuid::try_parse(s).ok())
-                            {
-                                let modified_on = item
-                                    .get("modified_on")
-                                    .and_then(|v| v.as_s().ok())
-                                    .cloned()
-                                    .unwrap_or_default();
-                                old.insert(id, (phones_of(&item), modified_on));
-                            }
-                        }
-                        // Keys left unread would make stale phone items look current:
-                        // retried with backoff, and after the last retry an error.
-                        match output.unprocessed_keys.filter(|u| !u.is_empty()) {
-                            None => break,
-                            Some(unprocessed) => {
-                                back_off_unprocessed(
-                                    &mut attempt,
-                                    "batch read left unprocessed keys",
-                                )
-                                .await?;
-                                request = unprocessed;
-                            }
-                        }
-                    }
-                }
+                let keys = entries.iter().map(|e| entry_key(&e.entity, e.id));
+                let old: HashMap<Uuid, StoredEntry> =
+                    batch_read(client, table, keys, StoredEntry::PROJECTION, false)
+                        .await?
+                        .iter()
+                        .filter_map(|item| Some((id_of(item)?, StoredEntry::of(item))))
+                        .collect();
                 let mut writes = Vec::with_capacity(entries.len() * 2);
+                let mut unsettled = Vec::new();
                 for entry in entries {
                     let stored = old.get(&entry.id);
-                    if stored.is_some_and(|(_, modified_on)| *modified_on > entry.modified_on) {
+                    if stored.is_some_and(|s| s.modified_on > entry.modified_on) {
                         continue;
                     }
                     let customer = customer_of(entry, mapping);
-                    if let Ok(put) = PutRequest::builder()
-                        .set_item(Some(entry_item(entry, &customer, stamp)))
-                        .build()
-                    {
+                    let leftovers = stored
+                        .map(|s| s.leftovers(&entry.phones))
+                        .unwrap_or_default();
+                    let rev = Uuid::new_v4().to_string();
+                    let item = entry_item(entry, &customer, stamp, &rev, &leftovers);
+                    if let Ok(put) = PutRequest::builder().set_item(Some(item)).build() {
                         writes.push(WriteRequest::builder().put_request(put).build());
                     }
-                    writes.extend(phone_writes(
-                        &customer,
-                        &entry.phones,
-                        stored
-                            .map(|(phones, _)| phones.as_slice())
-                            .unwrap_or_default(),
-                    ));
+                    writes.extend(phone_writes(&customer, &entry.phones, &leftovers));
+                    if !leftovers.is_empty() {
+                        unsettled.push((customer, entry.phones.as_slice(), rev));
+                    }
                 }
-                batch_write(client, table, writes).await
+                batch_write(client, table, writes).await?;
+                for (customer, phones, rev) in &unsettled {
+                    settle(client, table, customer, phones, rev).await?;
+                }
+                Ok(())
             }
             Self::Memory(stored) => {
                 let mut stored = stored.lock().unwrap_or_else(|p| p.into_inner());
@@ -465,59 +550,244 @@ impl CallerDirectory {
         }
     }
 
-    /// Removes the entries of an entity that the sweep pass `stamp` did not see:
-    /// records deleted in Dynamics while no webhook told us. Streams the table, so
-    /// memory stays bounded however large the entity.
-    pub async fn remove_unseen(&self, entity: &str, stamp: u64) -> Result<usize, StoreError> {
+    /// Ends a full reconciliation of an entity: removes the entries the pass `stamp`
+    /// did not see (records deleted in Dynamics while no webhook told us), and phone
+    /// items no entry lists, so any inconsistency heals within one pass. An entry
+    /// written since the pass started is never removed (each removal is conditional).
+    pub async fn remove_unseen(&self, entity: &str, stamp: u64) -> Result<Removed, StoreError> {
         match self {
             Self::DynamoDb { client, table } => {
-                let mut removed = 0;
+                let mut removed = Removed::default();
+                // The numbers each entry lists (or listed, for those removed here), and
+                // every phone item seen: a phone item not listed is an orphan candidate.
+                let mut listed: HashMap<Uuid, BTreeSet<String>> = HashMap::new();
+                let mut phone_items: Vec<(String, Uuid)> = Vec::new();
                 let mut start: Option<Item> = None;
                 loop {
                     let output = client
                         .scan()
                         .table_name(table)
-                        .filter_expression("sk = :entry AND entity = :entity AND (attribute_not_exists(stamp) OR stamp < :stamp)")
-                        .projection_expression("id, phones")
-                        .expression_attribute_values(":entry", AttributeValue::S("entry".into()))
-                        .expression_attribute_values(":entity", AttributeValue::S(entity.to_owned()))
-                        .expression_attribute_values(":stamp", AttributeValue::N(stamp.to_string()))
+                        .filter_expression("entity = :entity")
+                        .projection_expression("pk, id, phones, stale_phones, stamp")
+                        .expression_attribute_values(
+                            ":entity",
+                            AttributeValue::S(entity.to_owned()),
+                        )
                         .set_exclusive_start_key(start)
                         .send()
                         .await
                         .map_err(|e| StoreError::from_sdk("DynamoDB", e))?;
-                    let mut deletes = Vec::new();
                     for item in output.items() {
-                        let Some(id) = item
-                            .get("id")
-                            .and_then(|v| v.as_s().ok())
-                            .and_then(|s| Uuid::try_parse(s).ok())
-                        else {
+                        let Some(id) = id_of(item) else { continue };
+                        let pk = item.get("pk").and_then(|v| v.as_s().ok());
+                        if let Some(number) = pk.and_then(|pk| pk.strip_prefix("phone#")) {
+                            phone_items.push((number.to_owned(), id));
                             continue;
+                        }
+                        let seen = item
+                            .get("stamp")
+                            .and_then(|v| v.as_n().ok())
+                            .and_then(|n| n.parse::<u64>().ok())
+                            .is_some_and(|s| s >= stamp);
+                        let numbers = if seen {
+                            list_of(item, "phones")
+                        } else {
+                            let gone = remove_if_unseen(client, table, entity, id, stamp).await?;
+                            removed.entries += usize::from(gone.is_some());
+                            gone.unwrap_or_default()
                         };
-                        deletes.push(delete_request(entry_key(entity, id)));
-                        deletes.extend(
-                            phones_of(item)
-                                .iter()
-                                .map(|n| delete_request(phone_key(n, entity, id))),
-                        );
-                        removed += 1;
+                        listed.entry(id).or_default().extend(numbers);
                     }
-                    batch_write(client, table, deletes).await?;
                     match output.last_evaluated_key {
                         Some(key) if !key.is_empty() => start = Some(key),
-                        _ => return Ok(removed),
+                        _ => break,
                     }
                 }
+                phone_items.retain(|(number, id)| {
+                    !listed
+                        .get(id)
+                        .is_some_and(|numbers| numbers.contains(number))
+                });
+                removed.orphan_phones = remove_orphans(client, table, entity, phone_items).await?;
+                Ok(removed)
             }
             Self::Memory(stored) => {
                 let mut stored = stored.lock().unwrap_or_else(|p| p.into_inner());
                 let before = stored.len();
                 stored.retain(|(e, _), (_, _, s)| e != entity || *s >= stamp);
-                Ok(before - stored.len())
+                Ok(Removed {
+                    entries: before - stored.len(),
+                    orphan_phones: 0,
+                })
             }
         }
     }
+}
+
+async fn read_entry(
+    client: &aws_sdk_dynamodb::Client,
+    table: &str,
+    entity: &str,
+    id: Uuid,
+) -> Result<Option<StoredEntry>, StoreError> {
+    let output = client
+        .get_item()
+        .table_name(table)
+        .set_key(Some(entry_key(entity, id)))
+        .consistent_read(true)
+        .projection_expression(StoredEntry::PROJECTION)
+        .send()
+        .await
+        .map_err(|e| StoreError::from_sdk("DynamoDB", e))?;
+    Ok(output.item.as_ref().map(StoredEntry::of))
+}
+
+/// After a write's phone items: clears the numbers it had left to delete, or, when
+/// another write came in between (whose deletes may have run before our puts),
+/// removes the phone items we wrote that the entry no longer lists.
+async fn settle(
+    client: &aws_sdk_dynamodb::Client,
+    table: &str,
+    customer: &Customer,
+    phones: &[String],
+    rev: &str,
+) -> Result<(), StoreError> {
+    let result = client
+        .update_item()
+        .table_name(table)
+        .set_key(Some(entry_key(&customer.entity, customer.id)))
+        .update_expression("REMOVE stale_phones")
+        .condition_expression("rev = :rev")
+        .expression_attribute_values(":rev", AttributeValue::S(rev.to_owned()))
+        .return_values_on_condition_check_failure(
+            aws_sdk_dynamodb::types::ReturnValuesOnConditionCheckFailure::AllOld,
+        )
+        .send()
+        .await;
+    let current = match result {
+        Ok(_) => return Ok(()),
+        Err(error) if is_condition_failure(&error) => match error.into_service_error() {
+            UpdateItemError::ConditionalCheckFailedException(failed) => failed.item,
+            _ => None,
+        },
+        Err(error) => return Err(StoreError::from_sdk("DynamoDB", error)),
+    };
+    let listed = current
+        .as_ref()
+        .map(|item| list_of(item, "phones"))
+        .unwrap_or_default();
+    let unlisted = phones.iter().filter(|n| !listed.contains(n));
+    batch_write(
+        client,
+        table,
+        phone_deletes(unlisted, &customer.entity, customer.id),
+    )
+    .await
+}
+
+/// Removes an entry the pass did not see, unless it was written since; its numbers when removed.
+async fn remove_if_unseen(
+    client: &aws_sdk_dynamodb::Client,
+    table: &str,
+    entity: &str,
+    id: Uuid,
+    stamp: u64,
+) -> Result<Option<Vec<String>>, StoreError> {
+    let result = client
+        .delete_item()
+        .table_name(table)
+        .set_key(Some(entry_key(entity, id)))
+        .condition_expression("attribute_not_exists(stamp) OR stamp < :stamp")
+        .expression_attribute_values(":stamp", AttributeValue::N(stamp.to_string()))
+        .return_values(aws_sdk_dynamodb::types::ReturnValue::AllOld)
+        .send()
+        .await;
+    let old = match result {
+        Ok(output) => output.attributes.unwrap_or_default(),
+        Err(error) if is_condition_failure(&error) => return Ok(None),
+        Err(error) => return Err(StoreError::from_sdk("DynamoDB", error)),
+    };
+    let numbers = StoredEntry::of(&old).leftovers(&[]);
+    batch_write(client, table, phone_deletes(&numbers, entity, id)).await?;
+    Ok(Some(numbers))
+}
+
+/// Deletes the candidate phone items whose entry, read again consistently, does not
+/// list them (a write in flight during the scan lists its numbers before it writes them).
+async fn remove_orphans(
+    client: &aws_sdk_dynamodb::Client,
+    table: &str,
+    entity: &str,
+    candidates: Vec<(String, Uuid)>,
+) -> Result<usize, StoreError> {
+    if candidates.is_empty() {
+        return Ok(0);
+    }
+    let ids: BTreeSet<Uuid> = candidates.iter().map(|(_, id)| *id).collect();
+    let keys = ids.iter().map(|id| entry_key(entity, *id));
+    let current: HashMap<Uuid, Vec<String>> = batch_read(client, table, keys, "id, phones", true)
+        .await?
+        .iter()
+        .filter_map(|item| Some((id_of(item)?, list_of(item, "phones"))))
+        .collect();
+    let orphans: Vec<WriteRequest> = candidates
+        .iter()
+        .filter(|(number, id)| {
+            !current
+                .get(id)
+                .is_some_and(|listed| listed.contains(number))
+        })
+        .map(|(number, id)| delete_request(phone_key(number, entity, *id)))
+        .collect();
+    let count = orphans.len();
+    batch_write(client, table, orphans).await?;
+    Ok(count)
+}
+
+/// BatchGetItem in chunks of 100; keys left unprocessed are retried with backoff,
+/// then an error: a key left unread would make stale phone items look current.
+async fn batch_read(
+    client: &aws_sdk_dynamodb::Client,
+    table: &str,
+    keys: impl Iterator<Item = Item>,
+    projection: &str,
+    consistent: bool,
+) -> Result<Vec<Item>, StoreError> {
+    let keys: Vec<Item> = keys.collect();
+    let mut items = Vec::with_capacity(keys.len());
+    for chunk in keys.chunks(100) {
+        let mut request = KeysAndAttributes::builder()
+            .set_keys(Some(chunk.to_vec()))
+            .projection_expression(projection)
+            .consistent_read(consistent)
+            .build()
+            .map_err(|e| StoreError::new("DynamoDB", e.to_string(), false))
+            .map(|k| HashMap::from([(table.to_owned(), k)]))?;
+        let mut attempt = 0u32;
+        loop {
+            let output = client
+                .batch_get_item()
+                .set_request_items(Some(request))
+                .send()
+                .await
+                .map_err(|e| StoreError::from_sdk("DynamoDB", e))?;
+            items.extend(
+                output
+                    .responses
+                    .unwrap_or_default()
+                    .remove(table)
+                    .unwrap_or_default(),
+            );
+            match output.unprocessed_keys.filter(|u| !u.is_empty()) {
+                None => break,
+                Some(unprocessed) => {
+                    back_off_unprocessed(&mut attempt, "batch read left unprocessed keys").await?;
+                    request = unprocessed;
+                }
+            }
+        }
+    }
+    Ok(items)
 }
 
 /// The stamp of a write made now: Unix milliseconds, like a sweep pass's stamp, so

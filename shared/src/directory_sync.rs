@@ -353,6 +353,8 @@ pub struct SweepReport {
     pub upserted: u64,
     pub deleted: u64,
     pub removed_unseen: u64,
+    /// Phone items no entry listed, left by a write that failed half way.
+    pub removed_orphan_phones: u64,
     pub refused: u64,
     pub full_reconciliation: bool,
     /// False when time ran out: the next run continues from the checkpoint.
@@ -622,10 +624,12 @@ impl DirectorySync {
                     }
                 }
                 Phase::Removing { delta_link } => {
-                    report.removed_unseen += self
+                    let removed = self
                         .directory
                         .remove_unseen(entity, checkpoint.stamp)
-                        .await? as u64;
+                        .await?;
+                    report.removed_unseen += removed.entries as u64;
+                    report.removed_orphan_phones += removed.orphan_phones as u64;
                     checkpoint.delta_link = Some(delta_link);
                     checkpoint.phase = Phase::Idle;
                     // The full read is itself the pass: no delta right after it.

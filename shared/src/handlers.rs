@@ -473,6 +473,7 @@ pub async fn sync_sweep(
             upserted = report.upserted,
             deleted = report.deleted,
             removed_unseen = report.removed_unseen,
+            removed_orphan_phones = report.removed_orphan_phones,
             refused = report.refused,
             full_reconciliation = report.full_reconciliation,
             finished = report.finished,

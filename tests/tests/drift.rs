@@ -513,3 +513,214 @@ async fn an_entity_that_keeps_failing_does_not_stop_the_others() {
         "contacts still swept"
     );
 }
+
+/// The `contact` entry of record `id` with one number, as Dynamics held it at `modified`.
+fn contact_entry(
+    sync: &DirectorySync,
+    id: Uuid,
+    number: &str,
+    modified: &str,
+) -> shared::mapping::DirectoryEntry {
+    let mapping = sync.config.mapping_for("contact").unwrap();
+    mapping
+        .map(
+            &json!({"contactid": id.to_string(), "modifiedon": modified, "fullname": "X", "telephone1": number}),
+            &sync.config.phones,
+        )
+        .unwrap()
+}
+
+/// Runs `write` against the directory through a proxy that holds the answer to
+/// request `k` forever (its effect happens: the process stopped right after it).
+/// False when the write needed fewer than `k` requests.
+async fn stopped_at<F, Fut>(k: usize, aws: &AwsResources, write: F) -> bool
+where
+    F: FnOnce(shared::directory::CallerDirectory) -> Fut,
+    Fut: std::future::Future,
+{
+    let proxy =
+        e2e::crash_proxy::CrashProxy::start(String::new(), e2e::aws_endpoint(), Some(k)).await;
+    let via = aws.through(proxy.url());
+    let directory =
+        shared::directory::CallerDirectory::dynamodb(via.dynamodb, &aws.directory_table);
+    let finished = tokio::time::timeout(Duration::from_secs(3), write(directory)).await;
+    finished.is_err()
+}
+
+#[tokio::test]
+async fn a_directory_write_stopped_at_any_request_is_finished_by_its_retry() {
+    let emulator = emulator().await;
+    let aws = AwsResources::create().await;
+    let sync = directory_sync(&emulator, &aws, "", KEY).await;
+    let mapping = sync.config.mapping_for("contact").unwrap().clone();
+    let mut boundaries = 0;
+    for k in 1.. {
+        // A renumbering (old → new) stopped after its k-th request, then retried.
+        let id = Uuid::new_v4();
+        let (old, new) = (format!("+4477119{k:05}"), format!("+4477118{k:05}"));
+        let before = contact_entry(&sync, id, &old, "2026-11-20T10:00:01Z");
+        sync.directory.put(&before, &mapping).await.unwrap();
+        let after = contact_entry(&sync, id, &new, "2026-11-20T10:00:02Z");
+        let stopped = stopped_at(k, &aws, |directory| {
+            let (after, mapping) = (after.clone(), mapping.clone());
+            async move { directory.put(&after, &mapping).await }
+        })
+        .await;
+        if !stopped {
+            break;
+        }
+        boundaries += 1;
+        sync.directory.put(&after, &mapping).await.unwrap();
+        assert_eq!(
+            matches(&sync, &old).await,
+            0,
+            "put stopped at request {k}: old number gone"
+        );
+        assert_eq!(matches(&sync, &new).await, 1, "put stopped at request {k}");
+    }
+    assert!(boundaries >= 3, "the put has its requests: {boundaries}");
+    let mut remove_boundaries = 0;
+    for k in 1.. {
+        let id = Uuid::new_v4();
+        let number = format!("+4477117{k:05}");
+        let entry = contact_entry(&sync, id, &number, "2026-11-20T10:00:01Z");
+        sync.directory.put(&entry, &mapping).await.unwrap();
+        let stopped = stopped_at(k, &aws, |directory| async move {
+            directory.remove("contact", id).await
+        })
+        .await;
+        if !stopped {
+            break;
+        }
+        remove_boundaries += 1;
+        sync.directory.remove("contact", id).await.unwrap();
+        assert_eq!(
+            matches(&sync, &number).await,
+            0,
+            "remove stopped at request {k}"
+        );
+    }
+    assert!(remove_boundaries >= 2, "the remove has its requests");
+    println!(
+        "directory writes stopped at each of {boundaries} put and {remove_boundaries} remove requests: retried, consistent"
+    );
+}
+
+#[tokio::test]
+async fn concurrent_webhooks_of_one_record_leave_only_the_newest_numbers() {
+    let emulator = emulator().await;
+    let aws = AwsResources::create().await;
+    let sync = directory_sync(&emulator, &aws, "", KEY).await;
+    let mapping = sync.config.mapping_for("contact").unwrap().clone();
+    for round in 0..5 {
+        let id = Uuid::new_v4();
+        let versions: Vec<_> = (0..8)
+            .map(|v| {
+                contact_entry(
+                    &sync,
+                    id,
+                    &format!("+447711{round}{v:05}"),
+                    &format!("2026-11-20T10:00:0{v}Z"),
+                )
+            })
+            .collect();
+        let mut writes = tokio::task::JoinSet::new();
+        for entry in versions.clone() {
+            let (directory, mapping) = (sync.directory.clone(), mapping.clone());
+            writes.spawn(async move { directory.put(&entry, &mapping).await });
+        }
+        for outcome in writes.join_all().await {
+            outcome.unwrap();
+        }
+        for (v, entry) in versions.iter().enumerate() {
+            let expected = usize::from(v == versions.len() - 1);
+            assert_eq!(
+                matches(&sync, &entry.phones[0]).await,
+                expected,
+                "round {round}, version {v}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_full_reconciliation_removes_phone_items_no_entry_lists() {
+    let emulator = emulator().await;
+    let aws = AwsResources::create().await;
+    let sync = directory_sync(&emulator, &aws, &contacts_directory_yaml(50), KEY).await;
+    let ids = seed_numbered_contacts(&emulator, 3);
+    sync.sweep(deadline(30)).await.unwrap();
+    // Phone items a half-done write left: a number of a live record it no longer
+    // has, and one of a record whose entry is gone.
+    for (number, id) in [("+447711955501", ids[0]), ("+447711955502", Uuid::new_v4())] {
+        aws.dynamodb
+            .put_item()
+            .table_name(&aws.directory_table)
+            .item(
+                "pk",
+                aws_sdk_dynamodb::types::AttributeValue::S(format!("phone#{number}")),
+            )
+            .item(
+                "sk",
+                aws_sdk_dynamodb::types::AttributeValue::S(format!("contact#{id}")),
+            )
+            .item(
+                "entity",
+                aws_sdk_dynamodb::types::AttributeValue::S("contact".into()),
+            )
+            .item(
+                "entity_set",
+                aws_sdk_dynamodb::types::AttributeValue::S("contacts".into()),
+            )
+            .item(
+                "id",
+                aws_sdk_dynamodb::types::AttributeValue::S(id.to_string()),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(matches(&sync, number).await, 1);
+    }
+    // The next full pass (a fresh checkpoint table: no delta link yet).
+    let fresh = directory_sync(&emulator, &aws, &contacts_directory_yaml(50), KEY).await;
+    let reports = fresh.sweep(deadline(30)).await.unwrap();
+    assert!(
+        reports[0].full_reconciliation && reports[0].finished,
+        "{reports:?}"
+    );
+    assert_eq!(reports[0].removed_orphan_phones, 2, "{reports:?}");
+    assert_eq!(matches(&sync, "+447711955501").await, 0);
+    assert_eq!(matches(&sync, "+447711955502").await, 0);
+    for n in 0..3 {
+        assert_eq!(matches(&sync, &numbered_phone(n)).await, 1, "live {n} kept");
+    }
+}
+
+#[tokio::test]
+async fn a_sweep_page_read_before_a_webhook_does_not_overwrite_it() {
+    let emulator = emulator().await;
+    let aws = AwsResources::create().await;
+    let sync = directory_sync(&emulator, &aws, "", KEY).await;
+    let mapping = sync.config.mapping_for("contact").unwrap().clone();
+    let id = Uuid::new_v4();
+    let newer = contact_entry(&sync, id, "+447711966602", "2026-11-20T10:00:02Z");
+    sync.directory.put(&newer, &mapping).await.unwrap();
+    // The page was read before the webhook's change.
+    let page = [contact_entry(
+        &sync,
+        id,
+        "+447711966601",
+        "2026-11-20T10:00:01Z",
+    )];
+    sync.directory.put_page(&page, &mapping, 1).await.unwrap();
+    assert_eq!(
+        matches(&sync, "+447711966602").await,
+        1,
+        "the webhook's number stays"
+    );
+    assert_eq!(
+        matches(&sync, "+447711966601").await,
+        0,
+        "the page's older number is not written"
+    );
+}
