@@ -270,12 +270,29 @@ impl Lifecycle {
             + Duration::from_secs(5);
         let lock_wait = deadline.min(Instant::now() + Duration::from_secs(2));
         let Some((mut state, lock)) = self.state.lock(contact_id, hold, lock_wait).await? else {
+            let reason = "another invocation was working on the contact";
+            // Counted like any retry: a contact that stays locked is given up, not re-queued forever.
+            let age = Duration::from_secs(unix_now().saturating_sub(first_seen));
+            if age >= self.config.contact.retry_window {
+                let reason = format!(
+                    "{reason} for the whole {} minute retry window",
+                    self.config.contact.retry_window.as_secs() / 60
+                );
+                // From the retry queue the facts travel in the message: they are what to replay.
+                let replay = event
+                    .cloned()
+                    .or_else(|| facts.as_ref().and_then(|f| serde_json::to_value(f).ok()));
+                self.dead_letter(&report, step, &reason, true, replay.as_ref())
+                    .await?;
+                report.outcome = Outcome::DeadLettered { reason };
+                return Ok(report);
+            }
             let message = RetryMessage {
                 contact_id,
                 facts,
-                attempt,
+                attempt: attempt + 1,
                 first_seen,
-                reason: "another invocation was working on the contact".into(),
+                reason: reason.into(),
             };
             self.handoff
                 .retry_later(&message, Duration::from_secs(2))

@@ -724,3 +724,74 @@ async fn a_sweep_page_read_before_a_webhook_does_not_overwrite_it() {
         "the page's older number is not written"
     );
 }
+
+/// Another invocation's lock on the contact, held for ten minutes.
+async fn lock_held_elsewhere(aws: &AwsResources, contact_id: &str) {
+    use aws_sdk_dynamodb::types::AttributeValue;
+    let until = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        + 600_000;
+    aws.dynamodb
+        .put_item()
+        .table_name(&aws.state_table)
+        .item("contact_id", AttributeValue::S(contact_id.to_owned()))
+        .item("lock_owner", AttributeValue::S("another-container".into()))
+        .item("lock_until", AttributeValue::N(until.to_string()))
+        .send()
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_contact_that_stays_locked_is_given_up_after_the_retry_window_not_requeued_forever() {
+    let emulator = emulator().await;
+    let aws = AwsResources::create().await;
+    let scenario = scenario(&aws).await;
+    let answered = scenario
+        .events
+        .iter()
+        .find(|(kind, _)| *kind == e2e::contact::Kind::Answered)
+        .map(|(_, event)| event.clone())
+        .unwrap();
+    lock_held_elsewhere(&aws, &scenario.contact_id).await;
+
+    // Within the window: handed to the retry queue as the next attempt.
+    let lifecycle = lifecycle(&emulator, &aws, "");
+    deliver(&lifecycle, e2e::contact::Kind::Answered, answered.clone()).await;
+    tokio::time::sleep(Duration::from_millis(2_500)).await; // the retry's delay
+    let retries = aws.drain(&aws.retry_queue).await;
+    assert_eq!(retries.len(), 1);
+    let message: Value = serde_json::from_str(retries[0].body().unwrap()).unwrap();
+    assert_eq!(message["attempt"], 1, "{message}");
+
+    // The same retry once the window has passed: a dead letter that says why and
+    // carries the facts to replay, instead of another turn through the queue.
+    let mut late = message.clone();
+    late["first_seen"] = json!(late["first_seen"].as_u64().unwrap() - 120);
+    let one_minute = e2e::lifecycle(&emulator, &aws, "contact:\n  retry_window_minutes: 1\n");
+    let answer = shared::handlers::contact_created(
+        &one_minute,
+        json!({"Records": [{"messageId": "m-1", "body": late.to_string(), "eventSource": "aws:sqs"}]}),
+        deadline(30),
+    )
+    .await
+    .unwrap();
+    assert_eq!(answer["batchItemFailures"], json!([]), "{answer}");
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert!(
+        aws.drain(&aws.retry_queue).await.is_empty(),
+        "not re-queued"
+    );
+    let dead = aws.dead_letters().await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(
+        dead[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("another invocation"),
+        "{dead:?}"
+    );
+    assert_eq!(dead[0]["event"]["step"], "answered", "{dead:?}");
+}
