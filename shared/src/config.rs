@@ -181,6 +181,11 @@ struct ContactDocument {
     /// Add chat transcripts and Contact Lens transcripts as notes on the record.
     #[serde(default = "default_true")]
     transcript_notes: bool,
+    /// Keep a note of an original (unredacted) transcript even when Contact Lens
+    /// also wrote a redacted one. Off: once a redacted transcript exists, only it
+    /// is a note, and an original's note made before it arrived is deleted.
+    #[serde(default)]
+    original_transcript_notes: bool,
     /// Link recordings with a presigned S3 URL valid this long (at most 7 days; in
     /// Lambda also bounded by the role session) instead of `recording_link`.
     #[serde(default)]
@@ -220,6 +225,7 @@ impl Default for ContactDocument {
             recording: default_recording(),
             recording_link: default_recording_link(),
             transcript_notes: true,
+            original_transcript_notes: false,
             recording_presign_seconds: None,
             transcript_max_bytes: default_transcript_max_bytes(),
             flow_budget_ms: default_flow_budget_ms(),
@@ -305,6 +311,10 @@ fn default_state_ttl_days() -> u32 {
 const DESCRIPTION_HEAD: &str = "Amazon Connect {{ Channel | lower }} contact {{ ContactId }} ({{ InitiationMethod | default('') | lower }})";
 const DESCRIPTION_ANSWERED: &str = "{% if agent is defined %}\nAnswered by agent {{ agent.username | default(agent.id) }}{% if ConnectedToAgentTimestamp is defined %} at {{ ConnectedToAgentTimestamp }}{% endif %}{% endif %}";
 
+/// Every file of the contact on its own line: each recording step writes the whole
+/// column, so listing only its own file would keep just the last one.
+const DESCRIPTION_FILES: &str = "{% for file in recordings %}\n{{ file.kind | capitalize }}{{ ' (redacted)' if file.redacted }}: {{ file.url }}{% endfor %}";
+
 fn default_created() -> StepDocument {
     StepDocument {
         body: json!({
@@ -336,7 +346,7 @@ fn default_ended() -> EndedDocument {
 fn default_recording() -> StepDocument {
     StepDocument {
         body: json!({
-            "description": format!("{DESCRIPTION_HEAD}{DESCRIPTION_ANSWERED}\n{{{{ recording.kind | capitalize }}}}: {{{{ recording.url }}}}"),
+            "description": format!("{DESCRIPTION_HEAD}{DESCRIPTION_ANSWERED}{DESCRIPTION_FILES}"),
         }),
     }
 }
@@ -410,6 +420,7 @@ pub struct ContactConfig {
     pub recording: PayloadTemplate,
     pub recording_link: TextTemplate,
     pub transcript_notes: bool,
+    pub original_transcript_notes: bool,
     pub recording_presign: Option<Duration>,
     pub transcript_max_bytes: u64,
     pub flow_budget: Duration,
@@ -527,6 +538,7 @@ impl Config {
                 recording,
                 recording_link,
                 transcript_notes: contact_document.transcript_notes,
+                original_transcript_notes: contact_document.original_transcript_notes,
                 recording_presign: contact_document
                     .recording_presign_seconds
                     .map(Duration::from_secs),

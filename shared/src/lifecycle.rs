@@ -179,6 +179,12 @@ fn refused_part(
     }
 }
 
+/// Whether a file is a redacted copy (Contact Lens with redaction on; redacted
+/// audio is never a recording, so this is a redacted transcript).
+fn is_redacted(facts: &StepFacts) -> bool {
+    facts.values.get("recording").map(|r| &r["redacted"]) == Some(&Value::Bool(true))
+}
+
 /// Columns of `desired` whose value differs from what was written.
 fn changed(written: &Map<String, Value>, desired: &Map<String, Value>) -> Map<String, Value> {
     desired
@@ -194,6 +200,8 @@ struct Rendered {
     customer_key: Option<String>,
     close: Option<Map<String, Value>>,
     notes: Vec<(String, Map<String, Value>)>,
+    /// Notes of original transcripts to delete now that a redacted one exists.
+    withdrawn_notes: Vec<String>,
     /// Steps whose template failed now (dead-lettered once, then left out).
     failed: Vec<(Step, String)>,
 }
@@ -624,8 +632,18 @@ impl Lifecycle {
             _ => None,
         };
         let mut notes = Vec::new();
+        let mut withdrawn_notes = Vec::new();
+        // Each file's template sees them all, so every file keeps its link.
+        let files = state.recordings.values();
+        let files = files.filter_map(|f| f.values.get("recording").cloned());
+        context.insert("recordings".into(), Value::Array(files.collect()));
+        let withhold_originals = self.withholds_original_notes(state);
         if !state.failed_steps.contains_key(Step::Recording.name()) {
             for (key, facts) in &state.recordings {
+                let withheld = withhold_originals && !is_redacted(facts);
+                if withheld && state.notes.contains(key) {
+                    withdrawn_notes.push(key.clone());
+                }
                 let mut recording_context = context.clone();
                 recording_context.extend(facts.values.clone());
                 match templates.render(&contact.recording, &Value::Object(recording_context)) {
@@ -642,9 +660,12 @@ impl Lifecycle {
                 }
                 if let Some(text) = &facts.note
                     && !state.notes.contains(key)
+                    && !withheld
                 {
-                    let kind = facts.values["recording"]["kind"]
-                        .as_str()
+                    let kind = facts
+                        .values
+                        .get("recording")
+                        .and_then(|r| r["kind"].as_str())
                         .unwrap_or("transcript");
                     let mut note = Map::new();
                     note.insert(
@@ -668,8 +689,15 @@ impl Lifecycle {
             customer_key,
             close,
             notes,
+            withdrawn_notes,
             failed,
         })
+    }
+
+    /// Whether original transcripts stay out of notes: Contact Lens wrote a redacted
+    /// one and the configuration does not ask for both.
+    fn withholds_original_notes(&self, state: &ContactState) -> bool {
+        !self.config.contact.original_transcript_notes && state.recordings.values().any(is_redacted)
     }
 
     /// Brings the record up to date; returns steps that failed to render this time.
@@ -700,9 +728,12 @@ impl Lifecycle {
             let was_closed = state.closed;
             let error = match self.write(state, record, &rendered, deadline).await {
                 Ok(()) => {
-                    // A written note needs only its key (its id derives from it), not its text.
-                    for key in &state.notes {
-                        if let Some(facts) = state.recordings.get_mut(key) {
+                    // A written note needs only its key (its id derives from it), not
+                    // its text; a withheld one needs neither.
+                    let withhold_originals = self.withholds_original_notes(state);
+                    for (key, facts) in &mut state.recordings {
+                        if state.notes.contains(key) || (withhold_originals && !is_redacted(facts))
+                        {
                             facts.note = None;
                         }
                     }
@@ -906,6 +937,16 @@ impl Lifecycle {
                 .create_with_id(&annotations, id, &Value::Object(note.clone()), deadline)
                 .await?;
             state.notes.insert(key.clone());
+        }
+        for key in &rendered.withdrawn_notes {
+            let id = Uuid::new_v5(&record, key.as_bytes());
+            self.dataverse.delete(&annotations, id, deadline).await?;
+            state.notes.remove(key);
+            tracing::info!(
+                record_id = %record,
+                key,
+                "original transcript's note deleted: a redacted transcript exists"
+            );
         }
         Ok(())
     }

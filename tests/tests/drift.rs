@@ -512,6 +512,36 @@ async fn an_entity_that_keeps_failing_does_not_stop_the_others() {
         1,
         "contacts still swept"
     );
+
+    // Failing run after run, it reaches an operator: one dead letter when the streak
+    // is long enough, not one per run.
+    let bound = shared::directory_sync::SWEEP_FAILED_RUNS_BEFORE_DEAD_LETTER;
+    let mut dead = Vec::new();
+    for run in 2..=bound + 2 {
+        sync.sweep(deadline(60)).await.expect_err("still failing");
+        dead.extend(aws.dead_letters().await);
+        let expected = usize::from(run >= bound);
+        assert_eq!(dead.len(), expected, "after {run} failed runs: {dead:?}");
+    }
+    assert_eq!(dead[0]["step"], "sweep");
+    assert_eq!(dead[0]["event"]["entity"], "account");
+    let reason = dead[0]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains(&format!("failed {bound} runs in a row")),
+        "{reason}"
+    );
+
+    // Recovered, the streak starts over.
+    emulator.set_change_tracking("accounts", true);
+    sync.sweep(deadline(60)).await.unwrap();
+    emulator.set_change_tracking("accounts", false);
+    for _ in 1..bound {
+        sync.sweep(deadline(60)).await.expect_err("failing again");
+    }
+    assert!(
+        aws.dead_letters().await.is_empty(),
+        "a new streak, not yet long enough"
+    );
 }
 
 /// The `contact` entry of record `id` with one number, as Dynamics held it at `modified`.
@@ -794,4 +824,127 @@ async fn a_contact_that_stays_locked_is_given_up_after_the_retry_window_not_requ
         "{dead:?}"
     );
     assert_eq!(dead[0]["event"]["step"], "answered", "{dead:?}");
+}
+
+/// An `Object Created` event for `key` in the scenario's bucket, the object written
+/// first when it is a transcript.
+async fn file_event(
+    aws: &AwsResources,
+    template: &Value,
+    key: &str,
+    transcript: Option<&str>,
+) -> Value {
+    if let Some(text) = transcript {
+        let body = json!({"Transcript": [{"Content": text, "ParticipantRole": "CUSTOMER", "DisplayName": "Nadia"}]});
+        aws.s3
+            .put_object()
+            .bucket(&aws.bucket)
+            .key(key)
+            .body(body.to_string().into_bytes().into())
+            .send()
+            .await
+            .unwrap();
+    }
+    let mut event = template.clone();
+    event["detail"]["object"]["key"] = json!(key);
+    event["detail"]["object"]["size"] = json!(400);
+    event
+}
+
+#[tokio::test]
+async fn every_file_of_a_contact_keeps_its_link_and_only_the_redacted_transcript_is_a_note() {
+    let aws = AwsResources::create().await;
+    for redacted_first in [false, true] {
+        let emulator = emulator().await;
+        let lifecycle = lifecycle(&emulator, &aws, "");
+        let scenario = scenario(&aws).await;
+        let id = &scenario.contact_id;
+        let (steps, recording) = scenario.events.split_at(4);
+        let recording = &recording[0].1;
+        let recording_key =
+            format!("connect/example-cc/CallRecordings/2025/03/11/{id}_20250311T09:41_UTC.wav");
+        let original_key =
+            format!("Analysis/Voice/2025/03/11/{id}_analysis_2025-03-11T09:52:10Z.json");
+        let redacted_key = format!(
+            "Analysis/Voice/Redacted/2025/03/11/{id}_analysis_redacted_2025-03-11T09:52:10Z.json"
+        );
+        let call = file_event(&aws, recording, &recording_key, None).await;
+        let original = file_event(
+            &aws,
+            recording,
+            &original_key,
+            Some("My card is 4111 1111 1111 1111"),
+        )
+        .await;
+        let redacted = file_event(&aws, recording, &redacted_key, Some("My card is [PII]")).await;
+        let analyses = if redacted_first {
+            [redacted, original]
+        } else {
+            [original, redacted]
+        };
+        for (kind, event) in steps {
+            deliver(&lifecycle, *kind, event.clone()).await;
+        }
+        deliver(&lifecycle, e2e::contact::Kind::Recording, call).await;
+        for event in analyses {
+            deliver(&lifecycle, e2e::contact::Kind::Recording, event).await;
+        }
+        drain_retries(&lifecycle, &aws).await;
+
+        let records = phonecalls(&emulator);
+        assert_eq!(records.len(), 1);
+        let description = records[0]["description"].as_str().unwrap_or_default();
+        for (line, file) in [
+            ("Call recording: ", format!("{id}_20250311T09")),
+            ("Contact lens analysis: ", format!("{id}_analysis_2025")),
+            (
+                "Contact lens analysis (redacted): ",
+                format!("{id}_analysis_redacted_"),
+            ),
+        ] {
+            assert!(
+                description
+                    .lines()
+                    .any(|l| l.starts_with(line) && l.contains(&file)),
+                "redacted first: {redacted_first}; no `{line}` line for {file} in:\n{description}"
+            );
+        }
+        assert_eq!(records[0]["statecode"], 1, "closed");
+        let notes = e2e::contact::notes(&emulator);
+        assert_eq!(
+            notes.len(),
+            1,
+            "redacted first: {redacted_first}: {notes:?}"
+        );
+        assert!(notes[0].contains("[PII]"), "{notes:?}");
+        assert!(!notes.iter().any(|n| n.contains("4111")), "{notes:?}");
+        assert!(aws.dead_letters().await.is_empty());
+    }
+}
+
+#[tokio::test]
+async fn both_transcripts_become_notes_when_the_configuration_asks_for_the_original() {
+    let emulator = emulator().await;
+    let aws = AwsResources::create().await;
+    let lifecycle = lifecycle(
+        &emulator,
+        &aws,
+        "contact:\n  original_transcript_notes: true\n",
+    );
+    let scenario = scenario(&aws).await;
+    let id = &scenario.contact_id;
+    let (steps, recording) = scenario.events.split_at(4);
+    let original_key = format!("Analysis/Voice/2025/03/11/{id}_analysis_2025-03-11T09:52:10Z.json");
+    let redacted_key = format!(
+        "Analysis/Voice/Redacted/2025/03/11/{id}_analysis_redacted_2025-03-11T09:52:10Z.json"
+    );
+    let original = file_event(&aws, &recording[0].1, &original_key, Some("original text")).await;
+    let redacted = file_event(&aws, &recording[0].1, &redacted_key, Some("redacted text")).await;
+    for (kind, event) in steps {
+        deliver(&lifecycle, *kind, event.clone()).await;
+    }
+    for event in [original, redacted] {
+        deliver(&lifecycle, e2e::contact::Kind::Recording, event).await;
+    }
+    assert_eq!(e2e::contact::notes(&emulator).len(), 2);
 }
