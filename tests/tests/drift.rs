@@ -512,36 +512,6 @@ async fn an_entity_that_keeps_failing_does_not_stop_the_others() {
         1,
         "contacts still swept"
     );
-
-    // Failing run after run, it reaches an operator: one dead letter when the streak
-    // is long enough, not one per run.
-    let bound = shared::directory_sync::SWEEP_FAILED_RUNS_BEFORE_DEAD_LETTER;
-    let mut dead = Vec::new();
-    for run in 2..=bound + 2 {
-        sync.sweep(deadline(60)).await.expect_err("still failing");
-        dead.extend(aws.dead_letters().await);
-        let expected = usize::from(run >= bound);
-        assert_eq!(dead.len(), expected, "after {run} failed runs: {dead:?}");
-    }
-    assert_eq!(dead[0]["step"], "sweep");
-    assert_eq!(dead[0]["event"]["entity"], "account");
-    let reason = dead[0]["reason"].as_str().unwrap();
-    assert!(
-        reason.contains(&format!("failed {bound} runs in a row")),
-        "{reason}"
-    );
-
-    // Recovered, the streak starts over.
-    emulator.set_change_tracking("accounts", true);
-    sync.sweep(deadline(60)).await.unwrap();
-    emulator.set_change_tracking("accounts", false);
-    for _ in 1..bound {
-        sync.sweep(deadline(60)).await.expect_err("failing again");
-    }
-    assert!(
-        aws.dead_letters().await.is_empty(),
-        "a new streak, not yet long enough"
-    );
 }
 
 /// The `contact` entry of record `id` with one number, as Dynamics held it at `modified`.
