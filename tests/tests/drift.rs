@@ -627,7 +627,14 @@ async fn concurrent_webhooks_of_one_record_leave_only_the_newest_numbers() {
         let mut writes = tokio::task::JoinSet::new();
         for entry in versions.clone() {
             let (directory, mapping) = (sync.directory.clone(), mapping.clone());
-            writes.spawn(async move { directory.put(&entry, &mapping).await });
+            writes.spawn(async move {
+                // A write that loses every race is transient: Dynamics retries the webhook.
+                match directory.put(&entry, &mapping).await {
+                    Ok(outcome) => Ok(outcome),
+                    Err(error) if error.is_transient() => directory.put(&entry, &mapping).await,
+                    Err(error) => Err(error),
+                }
+            });
         }
         for outcome in writes.join_all().await {
             outcome.unwrap();
