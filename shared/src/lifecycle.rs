@@ -185,6 +185,11 @@ fn is_redacted(facts: &StepFacts) -> bool {
     facts.values.get("recording").map(|r| &r["redacted"]) == Some(&Value::Bool(true))
 }
 
+/// The note of a file: derived from the record and the object key, so it is made once.
+fn note_id(record: Uuid, key: &str) -> Uuid {
+    Uuid::new_v5(&record, key.as_bytes())
+}
+
 /// Columns of `desired` whose value differs from what was written.
 fn changed(written: &Map<String, Value>, desired: &Map<String, Value>) -> Map<String, Value> {
     desired
@@ -280,8 +285,7 @@ impl Lifecycle {
         let Some((mut state, lock)) = self.state.lock(contact_id, hold, lock_wait).await? else {
             let reason = "another invocation was working on the contact";
             // Counted like any retry: a contact that stays locked is given up, not re-queued forever.
-            let age = Duration::from_secs(unix_now().saturating_sub(first_seen));
-            if age >= self.config.contact.retry_window {
+            if self.past_retry_window(first_seen) {
                 let reason = format!(
                     "{reason} for the whole {} minute retry window",
                     self.config.contact.retry_window.as_secs() / 60
@@ -348,10 +352,9 @@ impl Lifecycle {
             .await
         {
             let reason = format!("the contact's state could not be saved: {error}");
-            let age = Duration::from_secs(unix_now().saturating_sub(state.first_seen));
             // One that can never succeed (an item over DynamoDB's size limit) or that
             // outlasts the retry window is given up, with the event to replay.
-            if !error.is_transient() || age >= self.config.contact.retry_window {
+            if !error.is_transient() || self.past_retry_window(state.first_seen) {
                 self.dead_letter(&report, step, &reason, error.is_transient(), event)
                     .await?;
                 report.outcome = Outcome::DeadLettered { reason };
@@ -386,8 +389,7 @@ impl Lifecycle {
                 Outcome::DeadLettered { reason }
             }
             Err(ApplyError::Pending(reason) | ApplyError::Transient(reason)) => {
-                let age = Duration::from_secs(unix_now().saturating_sub(state.first_seen));
-                if age >= self.config.contact.retry_window {
+                if self.past_retry_window(state.first_seen) {
                     let reason = format!(
                         "{reason}; gave up after the {} minute retry window",
                         self.config.contact.retry_window.as_secs() / 60
@@ -416,6 +418,12 @@ impl Lifecycle {
             }
         };
         Ok(report)
+    }
+
+    /// Whether work first seen at `first_seen` (Unix seconds) has outlasted the retry window.
+    fn past_retry_window(&self, first_seen: u64) -> bool {
+        Duration::from_secs(unix_now().saturating_sub(first_seen))
+            >= self.config.contact.retry_window
     }
 
     /// Hands a contact's facts to the retry queue without touching its state: the
@@ -932,14 +940,14 @@ impl Lifecycle {
         }
         let annotations = EntitySet::new("annotations").expect("a literal entity set");
         for (key, note) in &rendered.notes {
-            let id = Uuid::new_v5(&record, key.as_bytes());
+            let id = note_id(record, key);
             self.dataverse
                 .create_with_id(&annotations, id, &Value::Object(note.clone()), deadline)
                 .await?;
             state.notes.insert(key.clone());
         }
         for key in &rendered.withdrawn_notes {
-            let id = Uuid::new_v5(&record, key.as_bytes());
+            let id = note_id(record, key);
             self.dataverse.delete(&annotations, id, deadline).await?;
             state.notes.remove(key);
             tracing::info!(

@@ -537,6 +537,25 @@ pub fn seed_numbered_contacts(emulator: &Emulator, count: usize) -> Vec<uuid::Uu
         .collect()
 }
 
+/// The `contact` entry of record `id` with one number, as Dynamics held it at `modified`.
+pub fn contact_entry(
+    sync: &shared::directory_sync::DirectorySync,
+    id: uuid::Uuid,
+    number: &str,
+    modified: &str,
+) -> shared::mapping::DirectoryEntry {
+    let mapping = sync
+        .config
+        .mapping_for("contact")
+        .expect("the test directory maps contacts");
+    mapping
+        .map(
+            &serde_json::json!({"contactid": id.to_string(), "modifiedon": modified, "fullname": "X", "telephone1": number}),
+            &sync.config.phones,
+        )
+        .expect("a valid contact row")
+}
+
 /// Entries of one entity in the directory table.
 pub async fn directory_entries(aws: &AwsResources, entity: &str) -> usize {
     let mut count = 0;

@@ -106,14 +106,7 @@ async fn out_of_order_webhooks_converge_and_older_never_overwrites_newer() {
     let sync = directory_sync(&emulator, &aws, "", KEY).await;
     let mapping = sync.config.mapping_for("contact").unwrap().clone();
     let id = Uuid::new_v4();
-    let entry = |number: &str, modified: &str| {
-        mapping
-            .map(
-                &json!({"contactid": id.to_string(), "modifiedon": modified, "fullname": "X", "telephone1": number}),
-                &sync.config.phones,
-            )
-            .unwrap()
-    };
+    let entry = |number: &str, modified: &str| e2e::contact_entry(&sync, id, number, modified);
     use shared::directory::WriteOutcome;
     assert_eq!(
         sync.directory

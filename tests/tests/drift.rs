@@ -11,7 +11,7 @@ use e2e::{
     AwsResources, contacts_directory_yaml, deadline, directory_entries, directory_sync,
     drain_retries, emulator, numbered_phone, seed_numbered_contacts,
 };
-use e2e::{fixture, lifecycle};
+use e2e::{contact_entry, fixture, lifecycle};
 use serde_json::{Map, Value, json};
 use shared::directory_sync::{DirectorySync, WebhookRequest};
 use uuid::Uuid;
@@ -514,22 +514,6 @@ async fn an_entity_that_keeps_failing_does_not_stop_the_others() {
     );
 }
 
-/// The `contact` entry of record `id` with one number, as Dynamics held it at `modified`.
-fn contact_entry(
-    sync: &DirectorySync,
-    id: Uuid,
-    number: &str,
-    modified: &str,
-) -> shared::mapping::DirectoryEntry {
-    let mapping = sync.config.mapping_for("contact").unwrap();
-    mapping
-        .map(
-            &json!({"contactid": id.to_string(), "modifiedon": modified, "fullname": "X", "telephone1": number}),
-            &sync.config.phones,
-        )
-        .unwrap()
-}
-
 /// Runs `write` against the directory through a proxy that holds the answer to
 /// request `k` forever (its effect happens: the process stopped right after it).
 /// False when the write needed fewer than `k` requests.
@@ -660,29 +644,15 @@ async fn a_full_reconciliation_removes_phone_items_no_entry_lists() {
     // Phone items a half-done write left: a number of a live record it no longer
     // has, and one of a record whose entry is gone.
     for (number, id) in [("+447711955501", ids[0]), ("+447711955502", Uuid::new_v4())] {
+        let text = aws_sdk_dynamodb::types::AttributeValue::S;
         aws.dynamodb
             .put_item()
             .table_name(&aws.directory_table)
-            .item(
-                "pk",
-                aws_sdk_dynamodb::types::AttributeValue::S(format!("phone#{number}")),
-            )
-            .item(
-                "sk",
-                aws_sdk_dynamodb::types::AttributeValue::S(format!("contact#{id}")),
-            )
-            .item(
-                "entity",
-                aws_sdk_dynamodb::types::AttributeValue::S("contact".into()),
-            )
-            .item(
-                "entity_set",
-                aws_sdk_dynamodb::types::AttributeValue::S("contacts".into()),
-            )
-            .item(
-                "id",
-                aws_sdk_dynamodb::types::AttributeValue::S(id.to_string()),
-            )
+            .item("pk", text(format!("phone#{number}")))
+            .item("sk", text(format!("contact#{id}")))
+            .item("entity", text("contact".into()))
+            .item("entity_set", text("contacts".into()))
+            .item("id", text(id.to_string()))
             .send()
             .await
             .unwrap();
@@ -828,6 +798,26 @@ async fn file_event(
     event
 }
 
+/// The events of Contact Lens writing a contact's analysis twice: the original and
+/// (redaction on) the redacted copy, with these transcript texts.
+async fn contact_lens_events(
+    aws: &AwsResources,
+    template: &Value,
+    contact_id: &str,
+    original_text: &str,
+    redacted_text: &str,
+) -> (Value, Value) {
+    let original_key =
+        format!("Analysis/Voice/2025/03/11/{contact_id}_analysis_2025-03-11T09:52:10Z.json");
+    let redacted_key = format!(
+        "Analysis/Voice/Redacted/2025/03/11/{contact_id}_analysis_redacted_2025-03-11T09:52:10Z.json"
+    );
+    (
+        file_event(aws, template, &original_key, Some(original_text)).await,
+        file_event(aws, template, &redacted_key, Some(redacted_text)).await,
+    )
+}
+
 #[tokio::test]
 async fn every_file_of_a_contact_keeps_its_link_and_only_the_redacted_transcript_is_a_note() {
     let aws = AwsResources::create().await;
@@ -840,20 +830,15 @@ async fn every_file_of_a_contact_keeps_its_link_and_only_the_redacted_transcript
         let recording = &recording[0].1;
         let recording_key =
             format!("connect/example-cc/CallRecordings/2025/03/11/{id}_20250311T09:41_UTC.wav");
-        let original_key =
-            format!("Analysis/Voice/2025/03/11/{id}_analysis_2025-03-11T09:52:10Z.json");
-        let redacted_key = format!(
-            "Analysis/Voice/Redacted/2025/03/11/{id}_analysis_redacted_2025-03-11T09:52:10Z.json"
-        );
         let call = file_event(&aws, recording, &recording_key, None).await;
-        let original = file_event(
+        let (original, redacted) = contact_lens_events(
             &aws,
             recording,
-            &original_key,
-            Some("My card is 4111 1111 1111 1111"),
+            id,
+            "My card is 4111 1111 1111 1111",
+            "My card is [PII]",
         )
         .await;
-        let redacted = file_event(&aws, recording, &redacted_key, Some("My card is [PII]")).await;
         let analyses = if redacted_first {
             [redacted, original]
         } else {
@@ -911,12 +896,8 @@ async fn both_transcripts_become_notes_when_the_configuration_asks_for_the_origi
     let scenario = scenario(&aws).await;
     let id = &scenario.contact_id;
     let (steps, recording) = scenario.events.split_at(4);
-    let original_key = format!("Analysis/Voice/2025/03/11/{id}_analysis_2025-03-11T09:52:10Z.json");
-    let redacted_key = format!(
-        "Analysis/Voice/Redacted/2025/03/11/{id}_analysis_redacted_2025-03-11T09:52:10Z.json"
-    );
-    let original = file_event(&aws, &recording[0].1, &original_key, Some("original text")).await;
-    let redacted = file_event(&aws, &recording[0].1, &redacted_key, Some("redacted text")).await;
+    let (original, redacted) =
+        contact_lens_events(&aws, &recording[0].1, id, "original text", "redacted text").await;
     for (kind, event) in steps {
         deliver(&lifecycle, *kind, event.clone()).await;
     }
