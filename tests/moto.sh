@@ -32,7 +32,8 @@ start_moto() {
   local port log
   port="$(free_port)"
   log="$(mktemp -t moto.XXXXXX.log)"
-  "$VENV/bin/moto_server" -H 127.0.0.1 -p "$port" >"$log" 2>&1 &
+  # One request at a time, so conditional writes are atomic as in DynamoDB (see the script).
+  "$VENV/bin/python" "$(dirname "${BASH_SOURCE[0]}")/moto_server.py" 127.0.0.1 "$port" >"$log" 2>&1 &
   MOTO_PID=$!
   trap 'kill "$MOTO_PID" 2>/dev/null || true; wait "$MOTO_PID" 2>/dev/null || true' EXIT
   for _ in $(seq 1 100); do
