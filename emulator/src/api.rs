@@ -721,8 +721,9 @@ fn prepare(
             ));
         }
         if let Some(schema) = &table.def.columns {
-            // Custom columns carry a publisher prefix (`new_`, `cr1a2_`): accepted as they are.
-            let custom = name.contains('_') && !schema.contains_key(name.as_str());
+            // Outside strict mode, custom columns (publisher prefix: `new_`, `cr1a2_`)
+            // are accepted as they are.
+            let custom = !table.def.strict && name.contains('_');
             match schema.get(name.as_str()) {
                 None if custom => {}
                 None => {
@@ -730,7 +731,7 @@ fn prepare(
                         400,
                         "0x80060888",
                         format!(
-                            "Invalid property '{name}' was found in entity 'Microsoft.Dynamics.CRM.{logical}'."
+                            "The property '{name}' does not exist on type 'Microsoft.Dynamics.CRM.{logical}'. Make sure to only use property names that are defined by the type or mark the type as open type."
                         ),
                     ));
                 }
@@ -745,6 +746,8 @@ fn prepare(
     Ok(columns)
 }
 
+/// Refuses a value the column cannot hold, with Dataverse's answers: the length and
+/// option-set validations name the column; a type mismatch names only the literal.
 fn check_kind(logical: &str, name: &str, kind: Kind, value: &Value) -> Result<(), ApiResponse> {
     let fits = match (kind, value) {
         (_, Value::Null) => true,
@@ -762,21 +765,44 @@ fn check_kind(logical: &str, name: &str, kind: Kind, value: &Value) -> Result<()
         }
         (Kind::Bool, Value::Bool(_)) => true,
         (Kind::Int, Value::Number(n)) => n.is_i64(),
+        (Kind::Choice(options), Value::Number(n)) if n.is_i64() => {
+            let chosen = n.as_i64().unwrap_or_default();
+            if !options.contains(&chosen) {
+                let accepted: Vec<String> = options.iter().map(i64::to_string).collect();
+                return Err(error(
+                    400,
+                    "0x8004431a",
+                    format!(
+                        "A validation error occurred. The value {chosen} of '{name}' on record of type '{logical}' is outside the valid range. Accepted Values: {}",
+                        accepted.join(",")
+                    ),
+                ));
+            }
+            true
+        }
         (Kind::DateTime, Value::String(text)) => OffsetDateTime::parse(text, &Rfc3339).is_ok(),
         (Kind::Parties, Value::Array(_)) => true,
         _ => false,
     };
     if fits {
-        Ok(())
-    } else {
-        Err(error(
-            400,
-            "0x80060888",
-            format!(
-                "Cannot convert the literal '{value}' to the expected type of property '{name}' ({kind:?})."
-            ),
-        ))
+        return Ok(());
     }
+    let literal = match value {
+        Value::String(text) => text.clone(),
+        other => other.to_string(),
+    };
+    let expected = match kind {
+        Kind::Text(_) => "Edm.String",
+        Kind::Bool => "Edm.Boolean",
+        Kind::DateTime => "Edm.DateTimeOffset",
+        Kind::Int | Kind::Choice(_) => "Edm.Int32",
+        Kind::Parties => "Collection(Microsoft.Dynamics.CRM.activityparty)",
+    };
+    Err(error(
+        400,
+        "0x0",
+        format!("Cannot convert the literal '{literal}' to the expected type '{expected}'."),
+    ))
 }
 
 /// Every party's `partyid_<entity>@odata.bind` must name an existing row, as a

@@ -12,6 +12,8 @@ mod batch;
 mod filter;
 mod store;
 
+pub use store::Kind;
+
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::ops::RangeInclusive;
@@ -270,6 +272,32 @@ impl Emulator {
     /// refused with 403 `0x80042f09` (UserNotAssignedRoles).
     pub fn remove_security_roles(&self, user: Uuid) {
         lock(&self.shared.store).users_without_roles.insert(user);
+    }
+
+    /// Adds a column to a table that has a schema (`phonecalls`, `annotations`) and
+    /// makes the schema strict: from now on a custom column the table does not
+    /// define is refused, as in a real org.
+    pub fn define_column(&self, set: &str, name: &str, kind: Kind) {
+        if let Some(table) = lock(&self.shared.store).tables.get_mut(set)
+            && let Some(columns) = table.def.columns.as_mut()
+        {
+            columns.insert(name.to_owned(), kind);
+            table.def.strict = true;
+        }
+    }
+
+    /// Deletes a column from a table that has a schema, as an admin tidying it does:
+    /// its values go with it and writes that carry it are refused.
+    pub fn remove_column(&self, set: &str, name: &str) {
+        if let Some(table) = lock(&self.shared.store).tables.get_mut(set)
+            && let Some(columns) = table.def.columns.as_mut()
+        {
+            columns.remove(name);
+            table.def.strict = true;
+            for row in table.rows.values_mut() {
+                row.data.remove(name);
+            }
+        }
     }
 
     /// Declares another entity set (custom tables).

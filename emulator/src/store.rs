@@ -7,12 +7,16 @@ use serde_json::{Map, Value};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+/// A column's type, as far as the emulator checks values.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Kind {
+    /// Text of at most this many characters.
     Text(usize),
     Bool,
     DateTime,
     Int,
+    /// An option set (choice): one of these values.
+    Choice(&'static [i64]),
     Parties,
 }
 
@@ -23,7 +27,10 @@ pub struct EntityDef {
     /// Activities can be closed, and a closed activity refuses updates.
     pub activity: bool,
     /// Column rules for tables the product writes; `None` accepts any column.
-    pub columns: Option<BTreeMap<&'static str, Kind>>,
+    pub columns: Option<BTreeMap<String, Kind>>,
+    /// Custom columns (publisher prefix) must be defined too, as in a real org;
+    /// otherwise any prefixed column is accepted as it is.
+    pub strict: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -60,8 +67,8 @@ pub struct Store {
     pub users_without_roles: std::collections::BTreeSet<Uuid>,
 }
 
-fn phonecall_columns() -> BTreeMap<&'static str, Kind> {
-    BTreeMap::from([
+fn phonecall_columns() -> BTreeMap<String, Kind> {
+    columns([
         ("activityid", Kind::Text(36)),
         ("subject", Kind::Text(200)),
         ("phonenumber", Kind::Text(200)),
@@ -74,17 +81,18 @@ fn phonecall_columns() -> BTreeMap<&'static str, Kind> {
         ("scheduledend", Kind::DateTime),
         ("actualdurationminutes", Kind::Int),
         ("scheduleddurationminutes", Kind::Int),
-        ("prioritycode", Kind::Int),
-        ("statecode", Kind::Int),
-        ("statuscode", Kind::Int),
+        ("prioritycode", Kind::Choice(&[0, 1, 2])),
+        // Open, Completed, Canceled; Open, Made, Canceled, Received.
+        ("statecode", Kind::Choice(&[0, 1, 2])),
+        ("statuscode", Kind::Choice(&[1, 2, 3, 4])),
         ("category", Kind::Text(250)),
         ("subcategory", Kind::Text(250)),
         ("phonecall_activity_parties", Kind::Parties),
     ])
 }
 
-fn annotation_columns() -> BTreeMap<&'static str, Kind> {
-    BTreeMap::from([
+fn annotation_columns() -> BTreeMap<String, Kind> {
+    columns([
         ("annotationid", Kind::Text(36)),
         ("subject", Kind::Text(500)),
         ("notetext", Kind::Text(100_000)),
@@ -93,6 +101,13 @@ fn annotation_columns() -> BTreeMap<&'static str, Kind> {
         ("documentbody", Kind::Text(usize::MAX)),
         ("isdocument", Kind::Bool),
     ])
+}
+
+fn columns<const N: usize>(columns: [(&str, Kind); N]) -> BTreeMap<String, Kind> {
+    columns
+        .into_iter()
+        .map(|(name, kind)| (name.to_owned(), kind))
+        .collect()
 }
 
 impl Default for Store {
@@ -186,7 +201,7 @@ impl Store {
         logical: &str,
         key: &str,
         activity: bool,
-        columns: Option<BTreeMap<&'static str, Kind>>,
+        columns: Option<BTreeMap<String, Kind>>,
     ) {
         self.tables.insert(
             set.to_owned(),
@@ -196,6 +211,7 @@ impl Store {
                     key: key.to_owned(),
                     activity,
                     columns,
+                    strict: false,
                 },
                 rows: BTreeMap::new(),
                 change_tracking: false,

@@ -49,6 +49,10 @@ pub struct ContactState {
     /// left out of every later write of the contact.
     #[serde(default)]
     pub dropped: BTreeMap<String, String>,
+    /// Columns Dataverse refused (deleted, too long, an unknown option), with its
+    /// answer: left out of every later write of the contact, the rest kept.
+    #[serde(default)]
+    pub refused_columns: BTreeMap<String, String>,
 }
 
 impl ContactState {

@@ -311,6 +311,7 @@ impl DirectorySync {
                 record_id: Some(message.id.to_string()),
                 transient: true,
                 event: serde_json::to_value(message).ok(),
+                column: None,
             })
             .await
     }

@@ -73,6 +73,7 @@ async fn refuse(
             record_id: None,
             transient: false,
             event: Some(event.clone()),
+            column: None,
         })
         .await
         .map_err(HandoffFailed)?;

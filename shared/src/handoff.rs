@@ -35,6 +35,18 @@ pub struct DeadLetter {
     pub record_id: Option<String>,
     pub transient: bool,
     pub event: Option<Value>,
+    /// A column Dynamics refused: the record was written without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub column: Option<RefusedColumn>,
+}
+
+/// A column left out of a record, with what to write once Dynamics takes it again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RefusedColumn {
+    pub name: String,
+    pub value: Value,
+    /// Dataverse's answer.
+    pub message: String,
 }
 
 pub enum Handoff {

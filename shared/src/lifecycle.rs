@@ -10,6 +10,7 @@
 //! last; a step that arrives after it reopens the activity, writes, and closes it
 //! again, so Dataverse's rule that a closed activity cannot be edited holds.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -23,7 +24,7 @@ use crate::contact_state::{ContactState, ContactStateStore};
 use crate::dataverse::odata::EntitySet;
 use crate::dataverse::{DataverseClient, DataverseError};
 use crate::directory::{CallerDirectory, Customer, best_match};
-use crate::handoff::{DeadLetter, Handoff, RetryMessage};
+use crate::handoff::{DeadLetter, Handoff, RefusedColumn, RetryMessage};
 use crate::recording::{self, RecordingKind};
 use crate::store_error::StoreError;
 
@@ -76,7 +77,8 @@ pub struct Report {
     pub dataverse_requests: u64,
     pub dataverse_retries: u64,
     pub dataverse_throttled: u64,
-    /// Optional parts this event had to leave out of the record (`customer_link`, `owner`).
+    /// What this event had to leave out of the record: optional parts (`customer_link`,
+    /// `owner`) and columns Dataverse refused (`column:<name>`).
     pub degraded: Vec<String>,
 }
 
@@ -157,9 +159,10 @@ fn refused_part(
         return None;
     };
     let sent = |key: &str| {
-        rendered.desired.get(key).is_some_and(|value| {
-            !state.record_exists || state.closed || state.written.get(key) != Some(value)
-        })
+        rendered
+            .desired
+            .get(key)
+            .is_some_and(|value| is_sent(state, key, value))
     };
     match status {
         404 => {
@@ -177,6 +180,32 @@ fn refused_part(
         }
         _ => None,
     }
+}
+
+/// Whether the next write of the record carries `key` with `value`: everything when
+/// it creates or reopens the record, otherwise what changed.
+fn is_sent(state: &ContactState, key: &str, value: &Value) -> bool {
+    !state.record_exists || state.closed || state.written.get(key) != Some(value)
+}
+
+/// The column a refused write is about, among those it carried (the step columns
+/// and the close), with the value it carried.
+fn refused_column(
+    state: &ContactState,
+    rendered: &Rendered,
+    error: &DataverseError,
+) -> Option<(String, Value)> {
+    let mut sent: Map<String, Value> = rendered
+        .desired
+        .iter()
+        .filter(|(key, value)| is_sent(state, key, value))
+        .map(|(key, value)| (key.clone(), value.clone()))
+        .collect();
+    if let Some(close) = rendered.close.as_ref().filter(|_| !state.closed) {
+        sent.extend(close.clone());
+    }
+    let column = error.refused_column(&sent)?;
+    Some((column.to_owned(), sent.get(column)?.clone()))
 }
 
 /// Whether a file is a redacted copy (Contact Lens with redaction on; redacted
@@ -209,6 +238,8 @@ struct Rendered {
     withdrawn_notes: Vec<String>,
     /// Steps whose template failed now (dead-lettered once, then left out).
     failed: Vec<(Step, String)>,
+    /// The step whose template gave each column (the close's are the end's).
+    origins: BTreeMap<String, Step>,
 }
 
 impl Lifecycle {
@@ -325,8 +356,9 @@ impl Lifecycle {
         report.record_id = Self::record_id_of(&state);
 
         let dropped_before = state.dropped.clone();
+        let mut refused_now = Vec::new();
         let result = match self.resolve_agent(&mut state, deadline).await {
-            Ok(()) => self.apply(&mut state, deadline).await,
+            Ok(()) => self.apply(&mut state, &mut refused_now, deadline).await,
             Err(error) => Err(ApplyError::Transient(error.to_string())),
         };
         // After the write: a customer found gone from Dynamics is no match.
@@ -336,6 +368,11 @@ impl Lifecycle {
             .keys()
             .filter(|part| !dropped_before.contains_key(*part))
             .cloned()
+            .chain(
+                refused_now
+                    .iter()
+                    .map(|(_, column)| format!("column:{}", column.name)),
+            )
             .collect();
         let after = self.dataverse.stats();
         report.dataverse_requests = after.requests - before.requests;
@@ -380,6 +417,18 @@ impl Lifecycle {
         for (failed_step, reason) in newly_failed {
             self.dead_letter(&report, Some(failed_step), &reason, false, event)
                 .await?;
+        }
+        // Once the state remembers a refused column, its value is dead-lettered once.
+        for (column_step, column) in refused_now {
+            let reason = format!(
+                "Dynamics refused the column `{}` of the {} step; the record was written without it: {}",
+                column.name,
+                column_step.name(),
+                column.message
+            );
+            let mut letter = self.letter(&report, Some(column_step), &reason, false, None);
+            letter.column = Some(column);
+            self.send_dead_letter(letter).await?;
         }
         report.outcome = match result {
             Ok(_) => Outcome::Applied,
@@ -467,24 +516,40 @@ impl Lifecycle {
         transient: bool,
         event: Option<&Value>,
     ) -> Result<(), StoreError> {
+        self.send_dead_letter(self.letter(report, step, reason, transient, event))
+            .await
+    }
+
+    fn letter(
+        &self,
+        report: &Report,
+        step: Option<Step>,
+        reason: &str,
+        transient: bool,
+        event: Option<&Value>,
+    ) -> DeadLetter {
+        DeadLetter {
+            reason: reason.to_owned(),
+            function: self.function.to_owned(),
+            step: step.map(|s| s.name().to_owned()),
+            contact_id: report.contact_id.map(|c| c.to_string()),
+            record_id: report.record_id.map(|r| r.to_string()),
+            transient,
+            event: event.cloned(),
+            column: None,
+        }
+    }
+
+    async fn send_dead_letter(&self, letter: DeadLetter) -> Result<(), StoreError> {
         tracing::error!(
-            contact_id = ?report.contact_id.map(|c| c.to_string()),
-            step = step.map(Step::name),
-            record_id = ?report.record_id.map(|r| r.to_string()),
-            reason,
+            contact_id = letter.contact_id,
+            step = letter.step,
+            record_id = letter.record_id,
+            column = letter.column.as_ref().map(|c| c.name.as_str()),
+            reason = letter.reason,
             "dead-lettered"
         );
-        self.handoff
-            .dead_letter(&DeadLetter {
-                reason: reason.to_owned(),
-                function: self.function.to_owned(),
-                step: step.map(|s| s.name().to_owned()),
-                contact_id: report.contact_id.map(|c| c.to_string()),
-                record_id: report.record_id.map(|r| r.to_string()),
-                transient,
-                event: event.cloned(),
-            })
-            .await
+        self.handoff.dead_letter(&letter).await
     }
 
     /// Looks the caller's number up once the creation facts carry one. A directory
@@ -548,6 +613,7 @@ impl Lifecycle {
         let templates = &self.config.templates;
         let mut context = self.base_context(record, state.customer.as_ref());
         let mut desired = Map::new();
+        let mut origins = BTreeMap::new();
         let mut failed = Vec::new();
         let steps = [
             (Step::Created, state.created.as_ref(), &contact.created),
@@ -567,7 +633,10 @@ impl Lifecycle {
                 continue;
             }
             match templates.render(template, &Value::Object(context.clone())) {
-                Ok(Value::Object(body)) => desired.extend(body),
+                Ok(Value::Object(body)) => {
+                    origins.extend(body.keys().map(|column| (column.clone(), step)));
+                    desired.extend(body);
+                }
                 Ok(_) => {
                     return Err(ApplyError::Permanent(format!(
                         "the {} template must produce an object",
@@ -655,7 +724,10 @@ impl Lifecycle {
                 let mut recording_context = context.clone();
                 recording_context.extend(facts.values.clone());
                 match templates.render(&contact.recording, &Value::Object(recording_context)) {
-                    Ok(Value::Object(body)) => desired.extend(body),
+                    Ok(Value::Object(body)) => {
+                        origins.extend(body.keys().map(|column| (column.clone(), Step::Recording)));
+                        desired.extend(body);
+                    }
                     Ok(_) => {
                         return Err(ApplyError::Permanent(
                             "the recording template must produce an object".into(),
@@ -692,6 +764,17 @@ impl Lifecycle {
                 }
             }
         }
+        // Columns Dynamics refused for this contact are left out of every write.
+        let mut close = close;
+        for column in state.refused_columns.keys() {
+            desired.remove(column);
+            if let Some(close) = close.as_mut() {
+                close.remove(column);
+            }
+        }
+        if let Some(close) = &close {
+            origins.extend(close.keys().map(|column| (column.clone(), Step::Ended)));
+        }
         Ok(Rendered {
             desired,
             customer_key,
@@ -699,6 +782,7 @@ impl Lifecycle {
             notes,
             withdrawn_notes,
             failed,
+            origins,
         })
     }
 
@@ -708,10 +792,12 @@ impl Lifecycle {
         !self.config.contact.original_transcript_notes && state.recordings.values().any(is_redacted)
     }
 
-    /// Brings the record up to date; returns steps that failed to render this time.
+    /// Brings the record up to date; returns steps that failed to render this time,
+    /// and adds to `refused_now` the columns Dataverse refused this time.
     async fn apply(
         &self,
         state: &mut ContactState,
+        refused_now: &mut Vec<(Step, RefusedColumn)>,
         deadline: Instant,
     ) -> Result<Vec<(Step, String)>, ApplyError> {
         if state.created.is_none() {
@@ -751,6 +837,38 @@ impl Lifecycle {
             };
             if let Some(part) = refused_part(state, &rendered, &error) {
                 self.leave_out(state, part, &error, deadline).await;
+                rendered = self.render(state, record)?;
+                continue;
+            }
+            // One refused column costs that column, not the step or the ones after it.
+            if let Some((column, value)) = refused_column(state, &rendered, &error) {
+                let step = rendered
+                    .origins
+                    .get(&column)
+                    .copied()
+                    .unwrap_or(Step::Created);
+                let message = match &error {
+                    DataverseError::Rejected { message, .. } => message.clone(),
+                    other => other.to_string(),
+                };
+                tracing::warn!(
+                    contact_id = ?state.created.as_ref().map(|c| c.contact_id.to_string()),
+                    column,
+                    step = step.name(),
+                    reason = message,
+                    "column refused by Dynamics; left out of the contact's writes"
+                );
+                state
+                    .refused_columns
+                    .insert(column.clone(), message.clone());
+                refused_now.push((
+                    step,
+                    RefusedColumn {
+                        name: column,
+                        value,
+                        message,
+                    },
+                ));
                 rendered = self.render(state, record)?;
                 continue;
             }

@@ -470,7 +470,10 @@ async fn permanent_errors_are_not_retried() {
             status, message, ..
         } => {
             assert_eq!(*status, 400);
-            assert!(message.contains("Invalid property 'colour'"), "{message}");
+            assert!(
+                message.contains("The property 'colour' does not exist"),
+                "{message}"
+            );
         }
         other => panic!("expected a rejection, got {other:?}"),
     }

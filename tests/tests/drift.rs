@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use dataverse_emulator::Fault;
+use dataverse_emulator::{Fault, Kind};
 use e2e::contact::{deliver, owner_lifecycle, phonecalls, sample_agent_is, scenario};
 use e2e::{
     AwsResources, contacts_directory_yaml, deadline, directory_entries, directory_sync,
@@ -905,4 +905,242 @@ async fn both_transcripts_become_notes_when_the_configuration_asks_for_the_origi
         deliver(&lifecycle, e2e::contact::Kind::Recording, event).await;
     }
     assert_eq!(e2e::contact::notes(&emulator).len(), 2);
+}
+
+/// What a contact left: its records, the dead letters, the writes refused with 400.
+struct ColumnCase {
+    records: Vec<Map<String, Value>>,
+    letters: Vec<Value>,
+    refused_writes: usize,
+}
+
+/// One contact whose templates add `yaml` (under `contact:`), with the phonecall
+/// schema strict; `after_flow` changes Dynamics once the flow has created the record.
+async fn contact_with_column_trouble(
+    yaml: &str,
+    after_flow: impl FnOnce(&dataverse_emulator::Emulator),
+) -> ColumnCase {
+    let emulator = emulator().await;
+    let aws = AwsResources::create().await;
+    emulator.define_column("phonecalls", "new_stage", Kind::Text(100));
+    let lifecycle = lifecycle(&emulator, &aws, yaml);
+    let mut events = scenario(&aws).await.events.into_iter();
+    if let Some((kind, flow)) = events.next() {
+        let answer = deliver(&lifecycle, kind, flow).await;
+        assert_eq!(answer["dynamics_status"], "created", "{answer}");
+    }
+    after_flow(&emulator);
+    for (kind, event) in events {
+        deliver(&lifecycle, kind, event).await;
+    }
+    drain_retries(&lifecycle, &aws).await;
+    ColumnCase {
+        records: phonecalls(&emulator),
+        letters: aws.dead_letters().await,
+        refused_writes: refusals(&emulator, 400),
+    }
+}
+
+/// The one dead letter of a refused column: its step, value and Dataverse's answer.
+fn assert_column_letter(letters: &[Value], column: &str, step: &str, value: Value, answer: &str) {
+    assert_eq!(letters.len(), 1, "one dead letter: {letters:?}");
+    let letter = &letters[0];
+    assert_eq!(letter["column"]["name"], column, "{letter}");
+    assert_eq!(letter["column"]["value"], value, "{letter}");
+    assert_eq!(letter["step"], step, "{letter}");
+    let message = letter["column"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains(answer), "{message}");
+    assert!(
+        letter["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(column),
+        "{letter}"
+    );
+}
+
+#[tokio::test]
+async fn a_column_deleted_after_the_flow_costs_that_column_not_the_later_steps() {
+    let case = contact_with_column_trouble(
+        "contact:\n  answered:\n    body:\n      new_stage: answered by an agent\n",
+        |emulator| emulator.remove_column("phonecalls", "new_stage"),
+    )
+    .await;
+    assert_eq!(case.records.len(), 1, "one record");
+    assert_complete(&case.records[0]);
+    assert!(case.records[0].get("new_stage").is_none());
+    assert_column_letter(
+        &case.letters,
+        "new_stage",
+        "answered",
+        json!("answered by an agent"),
+        "does not exist on type",
+    );
+    assert_eq!(case.refused_writes, 1, "later writes no longer carry it");
+    println!(
+        "deleted column: {} record, {} of its columns kept, {} dead letter",
+        case.records.len(),
+        case.records[0].len(),
+        case.letters.len()
+    );
+}
+
+#[tokio::test]
+async fn an_option_value_that_does_not_exist_costs_that_column() {
+    let case = contact_with_column_trouble(
+        "contact:\n  answered:\n    body:\n      prioritycode: 7\n      new_stage: answered\n",
+        |_| {},
+    )
+    .await;
+    assert_eq!(case.records.len(), 1);
+    assert_complete(&case.records[0]);
+    assert_eq!(
+        case.records[0]["new_stage"], "answered",
+        "the step's other column"
+    );
+    assert!(case.records[0].get("prioritycode").is_none());
+    assert_column_letter(
+        &case.letters,
+        "prioritycode",
+        "answered",
+        json!(7),
+        "outside the valid range",
+    );
+    assert_eq!(case.refused_writes, 1);
+}
+
+#[tokio::test]
+async fn a_value_of_the_wrong_type_costs_that_column() {
+    let case = contact_with_column_trouble(
+        "contact:\n  ended:\n    body:\n      actualend: \"{{ DisconnectTimestamp | datetime }}\"\n      actualdurationminutes: a few\n    close:\n      statecode: 1\n      statuscode: 4\n",
+        |_| {},
+    )
+    .await;
+    assert_eq!(case.records.len(), 1);
+    assert_complete(&case.records[0]);
+    assert!(case.records[0].get("actualdurationminutes").is_none());
+    assert_column_letter(
+        &case.letters,
+        "actualdurationminutes",
+        "ended",
+        json!("a few"),
+        "Cannot convert the literal 'a few'",
+    );
+}
+
+#[tokio::test]
+async fn a_text_too_long_for_its_column_on_the_create_still_creates_the_linked_record() {
+    let emulator = emulator().await;
+    let aws = AwsResources::create().await;
+    let long_subject = "{{ ContactId }}".repeat(6);
+    let lifecycle = lifecycle(
+        &emulator,
+        &aws,
+        &format!(
+            "contact:\n  created:\n    body:\n      subject: \"{long_subject}\"\n      phonenumber: \"{{{{ CustomerEndpoint }}}}\"\n      actualstart: \"{{{{ InitiationTimestamp | datetime }}}}\"\n      description: Amazon Connect chat contact\n"
+        ),
+    );
+    let sync = directory_sync(&emulator, &aws, "", KEY).await;
+    let customer = emulator.seed(
+        "contacts",
+        json!({"lastname": "Holt", "mobilephone": "+447700900123"}),
+    );
+    sync.sweep(deadline(30)).await.unwrap();
+
+    let answer = run_contact(&lifecycle, &aws).await;
+    assert_eq!(answer["dynamics_status"], "created", "{answer}");
+    let records = phonecalls(&emulator);
+    assert_eq!(records.len(), 1);
+    let record = &records[0];
+    assert_complete(record);
+    assert!(record.get("subject").is_none());
+    assert_eq!(
+        record["activityid"], answer["dynamics_record_id"],
+        "the deterministic id"
+    );
+    assert_eq!(
+        record["_regardingobjectid_value"],
+        customer.to_string(),
+        "the customer link"
+    );
+    let letters = aws.dead_letters().await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0]["column"]["name"], "subject");
+    assert_eq!(letters[0]["step"], "created");
+    let value = letters[0]["column"]["value"].as_str().unwrap_or_default();
+    assert_eq!(value.len(), 216, "the whole value, to replay: {value}");
+    assert!(
+        letters[0]["column"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("maximum allowed length of '200'")
+    );
+}
+
+/// Every event 1-2 times in seeded orders, sequentially and concurrently, with a
+/// column Dynamics refuses in play: one record, equal to the in-order one, and one
+/// dead letter for the column.
+#[tokio::test]
+async fn shuffled_delivery_with_a_refused_column_is_still_exactly_once() {
+    const YAML: &str =
+        "contact:\n  answered:\n    body:\n      new_gone: answered\n      new_stage: answered\n";
+    let reference = contact_with_column_trouble(YAML, |_| {}).await;
+    assert_eq!(reference.letters.len(), 1);
+    for seed in 0..4u64 {
+        let emulator = emulator().await;
+        let aws = AwsResources::create().await;
+        emulator.define_column("phonecalls", "new_stage", Kind::Text(100));
+        let lifecycle = std::sync::Arc::new(lifecycle(&emulator, &aws, YAML));
+        let scenario = scenario(&aws).await;
+        let mut rng = e2e::contact::fastrand_like(seed);
+        let mut deliveries = Vec::new();
+        for (kind, event) in &scenario.events {
+            for _ in 0..(1 + rng.next_u64() % 2) {
+                deliveries.push((*kind, event.clone()));
+            }
+        }
+        for i in (1..deliveries.len()).rev() {
+            deliveries.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+        }
+        let mut tasks = tokio::task::JoinSet::new();
+        for (kind, event) in deliveries {
+            let lifecycle = lifecycle.clone();
+            if seed % 2 == 0 {
+                deliver(&lifecycle, kind, event).await;
+            } else {
+                tasks.spawn(async move { deliver(&lifecycle, kind, event).await });
+            }
+        }
+        while let Some(result) = tasks.join_next().await {
+            result.unwrap();
+        }
+        drain_retries(&lifecycle, &aws).await;
+        let records = phonecalls(&emulator);
+        let comparable = |records: &[Map<String, Value>]| -> Vec<Map<String, Value>> {
+            records
+                .iter()
+                .map(|record| {
+                    let mut record = record.clone();
+                    // The contact's own id and its mentions differ between the runs.
+                    record.retain(|key, _| {
+                        !matches!(key.as_str(), "activityid" | "description" | "subject")
+                    });
+                    record
+                })
+                .collect()
+        };
+        assert_eq!(records.len(), 1, "seed {seed}: one record");
+        assert_eq!(
+            comparable(&records),
+            comparable(&reference.records),
+            "seed {seed}"
+        );
+        let letters = aws.dead_letters().await;
+        assert_eq!(
+            letters.len(),
+            1,
+            "seed {seed}: one dead letter: {letters:?}"
+        );
+        assert_eq!(letters[0]["column"]["name"], "new_gone");
+    }
 }

@@ -272,14 +272,15 @@ async fn events_for_a_contact_never_created_give_up_after_the_window() {
     assert!(aws.drain(&aws.retry_queue).await.is_empty());
 }
 
+/// A refusal that names no column the write carried refuses the whole write.
 #[tokio::test]
-async fn a_value_dataverse_refuses_is_dead_lettered_once_with_the_odata_error() {
+async fn a_write_dataverse_refuses_outright_is_dead_lettered_once_with_the_odata_error() {
     let emulator = emulator().await;
     let aws = AwsResources::create().await;
     let lifecycle = lifecycle(
         &emulator,
         &aws,
-        "contact:\n  created:\n    body:\n      subject: \"{{ ContactId }}{{ ContactId }}{{ ContactId }}{{ ContactId }}{{ ContactId }}{{ ContactId }}\"\n",
+        "contact:\n  created:\n    body:\n      subject: \"{{ ContactId }}\"\n      statecode: 1\n",
     );
     let scenario = scenario(&aws).await;
     let (_, flow_event) = scenario.events[0].clone();
@@ -288,11 +289,9 @@ async fn a_value_dataverse_refuses_is_dead_lettered_once_with_the_odata_error() 
     let letters = aws.dead_letters().await;
     assert_eq!(letters.len(), 1);
     let reason = letters[0]["reason"].as_str().unwrap();
-    assert!(
-        reason.contains("maximum allowed length of '200'"),
-        "{reason}"
-    );
+    assert!(reason.contains("0x80040203"), "{reason}");
     assert_eq!(letters[0]["step"], "created");
+    assert!(letters[0].get("column").is_none(), "{}", letters[0]);
     let writes = emulator
         .requests()
         .into_iter()

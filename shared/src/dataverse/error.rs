@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use serde_json::{Map, Value};
+
 use crate::auth::TokenError;
 
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +80,62 @@ impl DataverseError {
     }
 }
 
+/// Phrases of the 400s that refuse a write because of one column: an unknown
+/// column (two shapes), a bind key that is no navigation property, text over the
+/// column's length (`0x80044331`), an option-set value that does not exist
+/// (`0x8004431a`), and a value of the wrong type (names only the literal).
+const COLUMN_REFUSALS: [&str; 6] = [
+    "does not exist on type",
+    "was found in entity",
+    "which only has property annotations",
+    "exceeded the maximum allowed length",
+    "is outside the valid range",
+    TYPE_MISMATCH,
+];
+const TYPE_MISMATCH: &str = "Cannot convert the literal";
+
+impl DataverseError {
+    /// The column of `sent` (the written body) a 400 refused the write because of,
+    /// when Dataverse's answer is a column refusal naming exactly one of them: by
+    /// its quoted name or, for a type mismatch, by its value's quoted literal.
+    /// `None` for every other answer, which stays a refusal of the whole write.
+    pub fn refused_column<'a>(&self, sent: &'a Map<String, Value>) -> Option<&'a str> {
+        let Self::Rejected {
+            status: 400,
+            message,
+            ..
+        } = self
+        else {
+            return None;
+        };
+        if !COLUMN_REFUSALS
+            .iter()
+            .any(|phrase| message.contains(phrase))
+        {
+            return None;
+        }
+        // 'a' 'b' 'c': the quoted parts are every other piece between quotes.
+        let quoted: Vec<&str> = message.split('\'').skip(1).step_by(2).collect();
+        let by_literal = message.contains(TYPE_MISMATCH);
+        let mut named = sent.iter().filter(|(key, value)| {
+            let column = key.strip_suffix("@odata.bind").unwrap_or(key);
+            quoted.contains(&column)
+                || (by_literal
+                    && quoted.contains(
+                        &match value {
+                            Value::String(text) => text.clone(),
+                            other => other.to_string(),
+                        }
+                        .as_str(),
+                    ))
+        });
+        match (named.next(), named.next()) {
+            (Some((column, _)), None) => Some(column.as_str()),
+            _ => None,
+        }
+    }
+}
+
 /// Reads `{"error":{"code":…,"message":…}}` leniently: the body may be empty,
 /// not JSON, or carry extra fields (`innererror`).
 pub(crate) fn parse_error_body(body: &str) -> (String, String) {
@@ -102,6 +160,98 @@ pub(crate) fn parse_error_body(body: &str) -> (String, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn rejected(code: &str, message: &str) -> DataverseError {
+        DataverseError::Rejected {
+            status: 400,
+            code: code.into(),
+            message: message.into(),
+        }
+    }
+
+    #[test]
+    fn column_refusals_name_the_column_they_are_about() {
+        let sent = serde_json::json!({
+            "subject": "Inbound call",
+            "new_mood": "calm",
+            "prioritycode": 7,
+            "actualdurationminutes": "twelve",
+            "regardingobjectid_contact_phonecall@odata.bind": "/contacts(00000000-0000-0000-0000-000000000001)",
+        });
+        let sent = sent.as_object().unwrap();
+        let cases = [
+            (
+                "0x80060888",
+                "The property 'new_mood' does not exist on type 'Microsoft.Dynamics.CRM.phonecall'. Make sure to only use property names that are defined by the type or mark the type as open type.",
+                Some("new_mood"),
+            ),
+            (
+                "0x80060888",
+                "Invalid property 'new_mood' was found in entity 'Microsoft.Dynamics.CRM.phonecall'.",
+                Some("new_mood"),
+            ),
+            (
+                "0x80044331",
+                "A validation error occurred. The length of the 'subject' attribute of the 'phonecall' entity exceeded the maximum allowed length of '5'.",
+                Some("subject"),
+            ),
+            (
+                "0x8004431a",
+                "A validation error occurred. The value 7 of 'prioritycode' on record of type 'phonecall' is outside the valid range. Accepted Values: 0,1,2",
+                Some("prioritycode"),
+            ),
+            (
+                "0x0",
+                "Cannot convert the literal 'twelve' to the expected type 'Edm.Int32'.",
+                Some("actualdurationminutes"),
+            ),
+            (
+                "",
+                "An undeclared property 'regardingobjectid_contact_phonecall' which only has property annotations in the payload but no property value was found in the payload.",
+                Some("regardingobjectid_contact_phonecall@odata.bind"),
+            ),
+            // Not about a column: the whole write stays refused.
+            (
+                "0x80040203",
+                "statecode cannot be set when a phonecall is created.",
+                None,
+            ),
+            ("", "Something 'subject' went wrong", None),
+            // A column that was not sent is not the one refused.
+            (
+                "0x80060888",
+                "The property 'new_other' does not exist on type 'Microsoft.Dynamics.CRM.phonecall'.",
+                None,
+            ),
+        ];
+        for (code, message, expected) in cases {
+            assert_eq!(
+                rejected(code, message).refused_column(sent),
+                expected,
+                "{message}"
+            );
+        }
+        let not_found = DataverseError::Rejected {
+            status: 404,
+            code: "0x80040217".into(),
+            message: "The property 'subject' does not exist on type".into(),
+        };
+        assert_eq!(
+            not_found.refused_column(sent),
+            None,
+            "only a 400 is about a column"
+        );
+    }
+
+    #[test]
+    fn a_literal_two_columns_share_names_neither() {
+        let sent = serde_json::json!({"new_a": "x", "new_b": "x"});
+        let error = rejected(
+            "0x0",
+            "Cannot convert the literal 'x' to the expected type 'Edm.Int32'.",
+        );
+        assert_eq!(error.refused_column(sent.as_object().unwrap()), None);
+    }
 
     #[test]
     fn error_bodies_are_read_leniently() {
