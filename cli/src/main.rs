@@ -1,6 +1,8 @@
 //! `connect-dynamics`: operator commands.
 //!
-//! - `validate <config.yaml>`: check a configuration document, naming the exact key of any error.
+//! - `validate <config.yaml> [--live]`: check a configuration document, naming the exact key of
+//!   any error; with `--live`, also the record templates' columns against the org's table
+//!   definitions (unknown columns, wrong types, text too long, options that do not exist).
 //! - `preview <created|answered|ended|recording> [--event FILE] [--config FILE]`: the exact
 //!   HTTP requests a step sends for a sample event (token redacted), or the exact error.
 //! - `simulate [--config FILE] [--live]`: a whole contact through the real handlers against
@@ -22,7 +24,7 @@ use shared::lifecycle::Lifecycle;
 use shared::secret::Secret;
 
 const USAGE: &str = "usage:
-  connect-dynamics validate <config.yaml>
+  connect-dynamics validate <config.yaml> [--live]
   connect-dynamics preview <created|answered|ended|recording> [--event FILE] [--config FILE]
   connect-dynamics simulate [--config FILE] [--live]
   connect-dynamics setup --config FILE --webhook-url URL [--dry-run] [--emulator]";
@@ -31,7 +33,7 @@ const USAGE: &str = "usage:
 async fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
-        Some("validate") => validate(&args[1..]),
+        Some("validate") => validate(&args[1..]).await,
         Some("preview") => preview(&args[1..]).await,
         Some("simulate") => simulate(&args[1..]).await,
         Some("setup") => setup(&args[1..]).await,
@@ -62,10 +64,13 @@ fn option(args: &[String], name: &str) -> Result<Option<String>, String> {
     }
 }
 
-fn validate(args: &[String]) -> Result<(), String> {
-    let path = args.first().ok_or(USAGE)?;
+async fn validate(args: &[String]) -> Result<(), String> {
+    let path = args.iter().find(|a| !a.starts_with("--")).ok_or(USAGE)?;
     let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
     let config = Config::from_yaml(&text).map_err(|e| e.to_string())?;
+    if args.iter().any(|a| a == "--live") {
+        return validate_live(config).await;
+    }
     println!("{path} is valid");
     println!("  Dynamics:   {}", config.dynamics.org_url);
     println!(
@@ -79,6 +84,46 @@ fn validate(args: &[String]) -> Result<(), String> {
         .collect();
     println!("  directory:  {}", entities.join(", "));
     Ok(())
+}
+
+/// The record templates against the org's table definitions: what Dataverse would refuse.
+async fn validate_live(config: Config) -> Result<(), String> {
+    let secret = resolve_credential(&config).await?;
+    let lifecycle = shared::services::local_lifecycle(config, secret, samples::agents(), "cli")
+        .map_err(|e| e.to_string())?;
+    let config = &lifecycle.config;
+    let findings = shared::schema_check::check_record_templates(
+        config,
+        &lifecycle.dataverse,
+        Instant::now() + Duration::from_secs(60),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    if findings.is_empty() {
+        println!(
+            "the templates' columns fit {} in {}",
+            config.contact.logical_name, config.dynamics.org_url
+        );
+        return Ok(());
+    }
+    for finding in &findings {
+        println!("{finding}");
+    }
+    Err(format!(
+        "{} template column(s) Dynamics would refuse",
+        findings.len()
+    ))
+}
+
+/// The client secret (or certificate key) the configuration points at.
+async fn resolve_credential(config: &Config) -> Result<Secret, String> {
+    let reference = match &config.dynamics.credential {
+        shared::config::Credential::ClientSecret(reference) => reference,
+        shared::config::Credential::Certificate { private_key, .. } => private_key,
+    };
+    shared::services::resolve_secret(reference)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// The emulator's connection settings on top of a configuration document's
@@ -349,13 +394,7 @@ async fn setup(args: &[String]) -> Result<(), String> {
         let secret = if dry_run {
             Secret::new("unused in a dry run")
         } else {
-            let reference = match &config.dynamics.credential {
-                shared::config::Credential::ClientSecret(reference) => reference,
-                shared::config::Credential::Certificate { private_key, .. } => private_key,
-            };
-            shared::services::resolve_secret(reference)
-                .await
-                .map_err(|e| e.to_string())?
+            resolve_credential(&config).await?
         };
         (None, config, secret)
     };
@@ -402,13 +441,7 @@ async fn simulate_live(args: &[String]) -> Result<(), String> {
     let path = option(args, "--config")?.ok_or("--live needs --config FILE")?;
     let text = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
     let config = Config::from_yaml(&text).map_err(|e| e.to_string())?;
-    let reference = match &config.dynamics.credential {
-        shared::config::Credential::ClientSecret(reference) => reference,
-        shared::config::Credential::Certificate { private_key, .. } => private_key,
-    };
-    let secret = shared::services::resolve_secret(reference)
-        .await
-        .map_err(|e| e.to_string())?;
+    let secret = resolve_credential(&config).await?;
     let lifecycle = shared::services::local_lifecycle(config, secret, samples::agents(), "cli")
         .map_err(|e| e.to_string())?;
     println!("Live organisation: {}\n", lifecycle.config.dynamics.org_url);

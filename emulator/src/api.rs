@@ -136,6 +136,9 @@ fn not_found_segment(set: &str) -> ApiResponse {
 
 pub fn handle(store: &mut Store, base: &str, request: &ApiRequest) -> ApiResponse {
     if request.path.starts_with("EntityDefinitions") {
+        if let Some((definition, member)) = request.path.split_once(")/") {
+            return entity_members(store, definition, member, request);
+        }
         return entity_definitions(store, request);
     }
     if request.path == "PublishXml" && request.method == "POST" {
@@ -635,6 +638,128 @@ fn entity_definitions(store: &mut Store, request: &ApiRequest) -> ApiResponse {
             format!("The HTTP method '{method}' is not allowed on entity definitions; use PUT."),
         ),
     }
+}
+
+/// `EntityDefinitions(LogicalName='phonecall')/Attributes[/Microsoft.Dynamics.CRM.<cast>]`
+/// and `…/ManyToOneRelationships`, for tables with a schema: the columns with their
+/// `AttributeType`, `MaxLength` behind the String and Memo casts, `OptionSet` behind
+/// the Picklist, State and Status casts (with `$expand=OptionSet`), the lookups'
+/// navigation properties. `$filter` and `$select` apply; metadata does not page.
+fn entity_members(
+    store: &Store,
+    definition: &str,
+    member: &str,
+    request: &ApiRequest,
+) -> ApiResponse {
+    let key = definition
+        .strip_prefix("EntityDefinitions(")
+        .unwrap_or_default();
+    let Some(table) = store
+        .tables
+        .values()
+        .find(|table| key == format!("LogicalName='{}'", table.def.logical))
+    else {
+        return error(
+            404,
+            "0x80060888",
+            format!("Could not find an entity definition for `{key}`."),
+        );
+    };
+    let logical = &table.def.logical;
+    let rows: Vec<Value> = if member == "ManyToOneRelationships" {
+        let mut rows = vec![json!({
+            "ReferencingAttribute": "ownerid",
+            "ReferencedEntity": "systemuser",
+            "ReferencingEntityNavigationPropertyName": "ownerid",
+        })];
+        if table.def.activity {
+            for target in store.tables.values().filter(|t| !t.def.activity) {
+                rows.push(json!({
+                    "ReferencingAttribute": "regardingobjectid",
+                    "ReferencedEntity": target.def.logical,
+                    "ReferencingEntityNavigationPropertyName":
+                        format!("regardingobjectid_{}_{logical}", target.def.logical),
+                }));
+            }
+        }
+        rows
+    } else if member == "Attributes" || member.starts_with("Attributes/") {
+        let Some(columns) = &table.def.columns else {
+            return error(
+                400,
+                "0x80060888",
+                format!("the emulator keeps no column definitions for `{logical}`"),
+            );
+        };
+        let cast = member
+            .strip_prefix("Attributes/")
+            .map(|cast| cast.trim_start_matches("Microsoft.Dynamics.CRM."));
+        columns
+            .iter()
+            .filter_map(|(name, kind)| attribute_metadata(name, *kind, cast))
+            .collect()
+    } else {
+        return not_found_segment(member);
+    };
+    let options = query_options(&request.query);
+    let filter = match options.get("$filter").map(|f| crate::filter::parse(f)) {
+        Some(Err(message)) => return error(400, "0x80060888", message),
+        Some(Ok(filter)) => Some(filter),
+        None => None,
+    };
+    let select = select_of(&options);
+    let rows: Vec<Value> = rows
+        .into_iter()
+        .filter_map(|row| match row {
+            Value::Object(row) => Some(row),
+            _ => None,
+        })
+        .filter(|row| {
+            filter
+                .as_ref()
+                .is_none_or(|f| crate::filter::matches(f, row))
+        })
+        .map(|mut row| {
+            if let Some(select) = &select {
+                row.retain(|k, _| select.iter().any(|s| s == k) || k == "OptionSet");
+            }
+            Value::Object(row)
+        })
+        .collect();
+    ok(json!({ "value": rows }))
+}
+
+/// One column's metadata as Dataverse gives it, or `None` when the cast does not
+/// apply to it (no cast: every column, common properties only).
+fn attribute_metadata(name: &str, kind: Kind, cast: Option<&str>) -> Option<Value> {
+    let attribute_type = match (name, kind) {
+        (_, Kind::Parties) => return None,
+        ("statecode", _) => "State",
+        ("statuscode", _) => "Status",
+        (_, Kind::Text(max)) if max > 4000 => "Memo",
+        (_, Kind::Text(_)) => "String",
+        (_, Kind::Bool) => "Boolean",
+        (_, Kind::DateTime) => "DateTime",
+        (_, Kind::Int) => "Integer",
+        (_, Kind::Choice(_)) => "Picklist",
+    };
+    let mut row = json!({"LogicalName": name, "AttributeType": attribute_type});
+    match cast {
+        None => {}
+        Some(cast) if cast == format!("{attribute_type}AttributeMetadata") => match kind {
+            Kind::Text(max) => row["MaxLength"] = json!(max.min(1_048_576)),
+            Kind::Choice(values) => {
+                let options: Vec<Value> = values
+                    .iter()
+                    .map(|value| json!({"Value": value, "Label": {"UserLocalizedLabel": {"Label": value.to_string()}}}))
+                    .collect();
+                row["OptionSet"] = json!({ "Options": options });
+            }
+            _ => {}
+        },
+        Some(_) => return None,
+    }
+    Some(row)
 }
 
 fn publish(store: &mut Store, request: &ApiRequest) -> ApiResponse {

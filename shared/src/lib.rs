@@ -15,6 +15,7 @@ pub mod mapping;
 pub mod observe;
 pub mod phone;
 pub mod recording;
+pub mod schema_check;
 pub mod secret;
 pub mod services;
 pub mod setup;

@@ -180,6 +180,24 @@ impl Templates {
         &template.path
     }
 
+    /// The top-level keys of a body template, each with its value when that is a
+    /// literal (known before any contact), for checks against the org's schema.
+    pub fn columns(template: &PayloadTemplate) -> Vec<(&str, Option<&Value>)> {
+        match &template.root {
+            Node::Object(fields) => fields
+                .iter()
+                .map(|(key, node)| {
+                    let literal = match node {
+                        Node::Literal(value) => Some(value),
+                        _ => None,
+                    };
+                    (key.as_str(), literal)
+                })
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
     fn render_node(
         &self,
         node: &Node,

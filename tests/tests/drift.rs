@@ -1144,3 +1144,88 @@ async fn shuffled_delivery_with_a_refused_column_is_still_exactly_once() {
         assert_eq!(letters[0]["column"]["name"], "new_gone");
     }
 }
+
+/// `validate --live`: the same refusals, found before a deployment with the key path.
+#[tokio::test]
+async fn a_live_validation_names_the_template_columns_dynamics_would_refuse() {
+    let emulator = emulator().await;
+    let client = e2e::client(&emulator, None);
+    let check = |yaml: String| {
+        let client = &client;
+        async move {
+            let config = shared::config::Config::from_yaml(&yaml).unwrap();
+            shared::schema_check::check_record_templates(&config, client, deadline(10))
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(
+        check(e2e::config_yaml(&emulator)).await,
+        [],
+        "the default templates fit the table"
+    );
+
+    emulator.define_column("phonecalls", "new_stage", Kind::Text(10));
+    emulator.define_column("phonecalls", "new_mood", Kind::Text(100));
+    emulator.remove_column("phonecalls", "new_mood");
+    let templates = "contact:
+  answered:
+    body:
+      new_mood: calm
+      new_stage: answered by an agent
+      prioritycode: 7
+      description: \"{{ ContactId }}\"
+  ended:
+    body:
+      actualend: \"{{ DisconnectTimestamp | datetime }}\"
+      actualdurationminutes: a few
+      regardingobjectid_Contact_phonecall@odata.bind: /contacts(00000000-0000-0000-0000-000000000001)
+    close:
+      statecode: 1
+      statuscode: 4
+";
+    let findings = check(format!("{}{templates}", e2e::config_yaml(&emulator))).await;
+    let paths: Vec<&str> = findings.iter().map(|f| f.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "contact.answered.body.new_mood",
+            "contact.answered.body.new_stage",
+            "contact.answered.body.prioritycode",
+            "contact.ended.body.actualdurationminutes",
+            "contact.ended.body.regardingobjectid_Contact_phonecall@odata.bind",
+        ],
+        "{findings:#?}"
+    );
+    let problems: Vec<String> = findings.iter().map(ToString::to_string).collect();
+    assert!(
+        problems[0].contains("not a column of phonecall"),
+        "{problems:?}"
+    );
+    assert!(
+        problems[1].contains("20 characters, the column holds 10"),
+        "{problems:?}"
+    );
+    assert!(
+        problems[2].contains("7 is not one of its options (0, 1, 2)"),
+        "{problems:?}"
+    );
+    assert!(problems[3].contains("not a whole number"), "{problems:?}");
+    assert!(
+        problems[4].contains("no navigation property"),
+        "{problems:?}"
+    );
+    // Only the table's columns the templates write were read.
+    let reads: Vec<String> = emulator
+        .requests()
+        .iter()
+        .filter(|r| r.target.contains("/Attributes"))
+        .map(|r| r.target.clone())
+        .collect();
+    assert!(
+        reads
+            .iter()
+            .all(|target| target.contains("%24filter=") || target.contains("$filter=")),
+        "{reads:?}"
+    );
+}
