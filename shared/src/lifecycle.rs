@@ -325,7 +325,7 @@ impl Lifecycle {
                 let replay = event
                     .cloned()
                     .or_else(|| facts.as_ref().and_then(|f| serde_json::to_value(f).ok()));
-                self.dead_letter(&report, step, &reason, true, replay.as_ref())
+                self.dead_letter(&report, step, &reason, true, replay.as_ref(), None)
                     .await?;
                 report.outcome = Outcome::DeadLettered { reason };
                 return Ok(report);
@@ -392,7 +392,7 @@ impl Lifecycle {
             // One that can never succeed (an item over DynamoDB's size limit) or that
             // outlasts the retry window is given up, with the event to replay.
             if !error.is_transient() || self.past_retry_window(state.first_seen) {
-                self.dead_letter(&report, step, &reason, error.is_transient(), event)
+                self.dead_letter(&report, step, &reason, error.is_transient(), event, None)
                     .await?;
                 report.outcome = Outcome::DeadLettered { reason };
                 return Ok(report);
@@ -415,7 +415,7 @@ impl Lifecycle {
             return Ok(report);
         }
         for (failed_step, reason) in newly_failed {
-            self.dead_letter(&report, Some(failed_step), &reason, false, event)
+            self.dead_letter(&report, Some(failed_step), &reason, false, event, None)
                 .await?;
         }
         // Once the state remembers a refused column, its value is dead-lettered once.
@@ -426,14 +426,20 @@ impl Lifecycle {
                 column_step.name(),
                 column.message
             );
-            let mut letter = self.letter(&report, Some(column_step), &reason, false, None);
-            letter.column = Some(column);
-            self.send_dead_letter(letter).await?;
+            self.dead_letter(
+                &report,
+                Some(column_step),
+                &reason,
+                false,
+                None,
+                Some(column),
+            )
+            .await?;
         }
         report.outcome = match result {
             Ok(_) => Outcome::Applied,
             Err(ApplyError::Permanent(reason)) => {
-                self.dead_letter(&report, step, &reason, false, event)
+                self.dead_letter(&report, step, &reason, false, event, None)
                     .await?;
                 Outcome::DeadLettered { reason }
             }
@@ -447,7 +453,7 @@ impl Lifecycle {
                         tracing::warn!(%contact_id, %reason, "recording skipped");
                         Outcome::Skipped { reason }
                     } else {
-                        self.dead_letter(&report, step, &reason, true, event)
+                        self.dead_letter(&report, step, &reason, true, event, None)
                             .await?;
                         Outcome::DeadLettered { reason }
                     }
@@ -515,20 +521,9 @@ impl Lifecycle {
         reason: &str,
         transient: bool,
         event: Option<&Value>,
+        column: Option<RefusedColumn>,
     ) -> Result<(), StoreError> {
-        self.send_dead_letter(self.letter(report, step, reason, transient, event))
-            .await
-    }
-
-    fn letter(
-        &self,
-        report: &Report,
-        step: Option<Step>,
-        reason: &str,
-        transient: bool,
-        event: Option<&Value>,
-    ) -> DeadLetter {
-        DeadLetter {
+        let letter = DeadLetter {
             reason: reason.to_owned(),
             function: self.function.to_owned(),
             step: step.map(|s| s.name().to_owned()),
@@ -536,11 +531,8 @@ impl Lifecycle {
             record_id: report.record_id.map(|r| r.to_string()),
             transient,
             event: event.cloned(),
-            column: None,
-        }
-    }
-
-    async fn send_dead_letter(&self, letter: DeadLetter) -> Result<(), StoreError> {
+            column,
+        };
         tracing::error!(
             contact_id = letter.contact_id,
             step = letter.step,
