@@ -133,6 +133,19 @@ async fn forward(
             request = request.header(name, value);
         }
     }
+    if shared.crash_after == Some(number) {
+        // The effect happens whatever the caller does meanwhile (a caller that gives
+        // up would otherwise cancel this handler before the crash is told); the
+        // process that asked is gone before it hears of it.
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            if let Ok(answer) = request.send().await {
+                let _ = answer.bytes().await;
+            }
+            shared.crashed.notify_one();
+        });
+        return std::future::pending().await;
+    }
     let answer = match request.send().await {
         Ok(answer) => answer,
         Err(error) => return (StatusCode::BAD_GATEWAY, error.to_string()).into_response(),
@@ -140,11 +153,6 @@ async fn forward(
     let status = answer.status();
     let answer_headers = answer.headers().clone();
     let body = answer.bytes().await.unwrap_or_default();
-    if shared.crash_after == Some(number) {
-        // The effect happened; the process that asked is gone before it hears of it.
-        shared.crashed.notify_one();
-        std::future::pending::<()>().await;
-    }
     // Like any reverse proxy, links the organisation sends back (`@odata.nextLink`,
     // `@odata.deltaLink`, `OData-EntityId`) are rewritten to point through us.
     let body = if to_dynamics {
