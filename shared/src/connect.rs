@@ -224,8 +224,14 @@ pub struct StepFacts {
     /// For recordings, the S3 object key (one contact can have several files).
     pub object_key: Option<String>,
     pub values: Map<String, Value>,
-    /// Transcript text to attach as a note, for recordings that carry one.
+    /// Transcript text to attach as a note, while this invocation holds it. Never
+    /// stored or queued (a transcript can outgrow a state item or an SQS message):
+    /// read from S3 again while `note_wanted`. Still read from older states.
+    #[serde(default, skip_serializing)]
     pub note: Option<String>,
+    /// The file's transcript is to become a note that does not exist yet.
+    #[serde(default)]
+    pub note_wanted: bool,
 }
 
 /// Connect's "not set" timestamp parses as a real date: treat it as absent.
@@ -331,6 +337,7 @@ impl FlowEvent {
             object_key: None,
             values,
             note: None,
+            note_wanted: false,
         })
     }
 
@@ -445,6 +452,7 @@ impl ContactEventDetail {
             object_key: None,
             values,
             note: None,
+            note_wanted: false,
         }))
     }
 }

@@ -336,6 +336,7 @@ mod tests {
             object_key: (step == Step::Recording).then(|| marker.to_owned()),
             values,
             note: None,
+            note_wanted: false,
         }
     }
 

@@ -357,6 +357,7 @@ impl Lifecycle {
 
         let dropped_before = state.dropped.clone();
         let mut refused_now = Vec::new();
+        let unread_transcript = self.read_transcripts(&mut state).await;
         let result = match self.resolve_agent(&mut state, deadline).await {
             Ok(()) => self.apply(&mut state, &mut refused_now, deadline).await,
             Err(error) => Err(ApplyError::Transient(error.to_string())),
@@ -382,6 +383,11 @@ impl Lifecycle {
         let newly_failed = match &result {
             Ok(failed) => failed.clone(),
             Err(_) => Vec::new(),
+        };
+        // A note still to be made because S3 did not answer: the contact comes back.
+        let result = match (result, unread_transcript) {
+            (Ok(_), Some(reason)) => Err(ApplyError::Transient(reason)),
+            (result, _) => result,
         };
         if let Err(error) = self
             .state
@@ -814,13 +820,14 @@ impl Lifecycle {
             let was_closed = state.closed;
             let error = match self.write(state, record, &rendered, deadline).await {
                 Ok(()) => {
-                    // A written note needs only its key (its id derives from it), not
-                    // its text; a withheld one needs neither.
+                    // A written note needs only its key (its id derives from it); a
+                    // withheld one is not wanted.
                     let withhold_originals = self.withholds_original_notes(state);
                     for (key, facts) in &mut state.recordings {
                         if state.notes.contains(key) || (withhold_originals && !is_redacted(facts))
                         {
                             facts.note = None;
+                            facts.note_wanted = false;
                         }
                     }
                     return Ok(newly_failed);
@@ -1121,12 +1128,11 @@ impl Lifecycle {
             .object
             .size
             .is_none_or(|size| size <= contact.transcript_max_bytes);
-        let note = if contact.transcript_notes && key.kind.has_transcript() && small_enough {
-            self.transcript(&detail.bucket.name, &detail.object.key, key.kind)
-                .await?
-        } else {
-            None
-        };
+        // The text is read when the note is made, never carried in the state.
+        let note_wanted = self.s3.is_some()
+            && contact.transcript_notes
+            && key.kind.has_transcript()
+            && small_enough;
         Ok(Ok(StepFacts {
             step: Step::Recording,
             contact_id: key.contact_id,
@@ -1134,8 +1140,50 @@ impl Lifecycle {
             source: Source::ContactEvent,
             object_key: Some(detail.object.key.clone()),
             values,
-            note,
+            note: None,
+            note_wanted,
         }))
+    }
+
+    /// Reads the transcripts whose note is still to be made (their text is never
+    /// stored); a file without text is linked only. `Some(reason)` when S3 could not
+    /// answer, so the contact is tried again.
+    async fn read_transcripts(&self, state: &mut ContactState) -> Option<String> {
+        let withhold_originals = self.withholds_original_notes(state);
+        let mut unread = None;
+        for (key, facts) in &mut state.recordings {
+            if state.notes.contains(key) || (withhold_originals && !is_redacted(facts)) {
+                continue;
+            }
+            // A state from before texts were left out still carries its text.
+            if facts.note.is_some() {
+                facts.note_wanted = true;
+                continue;
+            }
+            if !facts.note_wanted {
+                continue;
+            }
+            let bucket = facts
+                .values
+                .get("recording")
+                .and_then(|r| r.get("bucket"))
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned();
+            let text = match recording::classify(key) {
+                Ok(file) => self.transcript(&bucket, key, file.kind).await,
+                Err(_) => Ok(None),
+            };
+            match text {
+                Ok(Some(text)) => facts.note = Some(text),
+                Ok(None) => {
+                    tracing::warn!(key, "the transcript has no text to note; the file is linked only");
+                    facts.note_wanted = false;
+                }
+                Err(error) => unread = Some(format!("transcript `{key}` could not be read: {error}")),
+            }
+        }
+        unread
     }
 
     async fn transcript(

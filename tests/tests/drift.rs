@@ -702,6 +702,56 @@ async fn a_sweep_page_read_before_a_webhook_does_not_overwrite_it() {
     );
 }
 
+/// A transcript whose note is still to be made (Dynamics down) is read again from
+/// S3 when the note can be written: the state never holds its text, so no
+/// transcript, whatever its characters, can push the state over DynamoDB's 400 KB.
+#[tokio::test]
+async fn a_transcript_waiting_for_dynamics_is_not_carried_in_the_contact_state() {
+    let emulator = emulator().await;
+    let aws = AwsResources::create().await;
+    let lifecycle = lifecycle(&emulator, &aws, "");
+    let scenario = scenario(&aws).await;
+    let (_, recording) = scenario.events[4].clone();
+    let key = recording["detail"]["object"]["key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // 100,000 four-byte characters: a note's worth of text, 400 KB as UTF-8.
+    let lines: Vec<Value> = (0..10)
+        .map(|_| json!({"Content": "\u{1F4DE}".repeat(10_000), "ParticipantRole": "CUSTOMER", "DisplayName": "Nadia"}))
+        .collect();
+    aws.s3
+        .put_object()
+        .bucket(&aws.bucket)
+        .key(&key)
+        .body(json!({"Transcript": lines}).to_string().into_bytes().into())
+        .send()
+        .await
+        .unwrap();
+    emulator.set_faults(dataverse_emulator::Faults {
+        unavailable_ratio: 1.0,
+        ..dataverse_emulator::Faults::default()
+    });
+    for (kind, event) in scenario.events.clone() {
+        let answer = e2e::contact::handle(&lifecycle, kind, event, deadline(3)).await;
+        assert!(answer.is_ok(), "{kind:?} handed off: {answer:?}");
+    }
+    let state = state_item_bytes(&aws, &scenario.contact_id).await;
+    assert!(state < 20_000, "no transcript text in the state: {state} bytes");
+    emulator.clear_faults();
+    drain_retries(&lifecycle, &aws).await;
+    let letters = aws.dead_letters().await;
+    assert!(letters.is_empty(), "nothing given up: {letters:?}");
+    let notes = e2e::contact::notes(&emulator);
+    assert_eq!(notes.len(), 1, "the note, once");
+    assert_eq!(notes[0].chars().count(), 100_000);
+    let records = phonecalls(&emulator);
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0]["statecode"], 1);
+    let state = state_item_bytes(&aws, &scenario.contact_id).await;
+    assert!(state < 20_000, "{state} bytes");
+}
+
 /// Another invocation's lock on the contact, held for ten minutes.
 async fn lock_held_elsewhere(aws: &AwsResources, contact_id: &str) {
     use aws_sdk_dynamodb::types::AttributeValue;
