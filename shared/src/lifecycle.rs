@@ -1177,10 +1177,15 @@ impl Lifecycle {
             match text {
                 Ok(Some(text)) => facts.note = Some(text),
                 Ok(None) => {
-                    tracing::warn!(key, "the transcript has no text to note; the file is linked only");
+                    tracing::warn!(
+                        key,
+                        "the transcript has no text to note; the file is linked only"
+                    );
                     facts.note_wanted = false;
                 }
-                Err(error) => unread = Some(format!("transcript `{key}` could not be read: {error}")),
+                Err(error) => {
+                    unread = Some(format!("transcript `{key}` could not be read: {error}"))
+                }
             }
         }
         unread

@@ -737,7 +737,10 @@ async fn a_transcript_waiting_for_dynamics_is_not_carried_in_the_contact_state()
         assert!(answer.is_ok(), "{kind:?} handed off: {answer:?}");
     }
     let state = state_item_bytes(&aws, &scenario.contact_id).await;
-    assert!(state < 20_000, "no transcript text in the state: {state} bytes");
+    assert!(
+        state < 20_000,
+        "no transcript text in the state: {state} bytes"
+    );
     emulator.clear_faults();
     drain_retries(&lifecycle, &aws).await;
     let letters = aws.dead_letters().await;
