@@ -531,6 +531,53 @@ where
     finished.is_err()
 }
 
+/// DynamoDB left a sweep page's batch read or write unprocessed after every retry:
+/// an error the sweep pauses on, never a page taken for written or keys for absent.
+#[tokio::test]
+async fn a_batch_dynamodb_leaves_unprocessed_is_an_error_not_a_silent_loss() {
+    let emulator = emulator().await;
+    let aws = AwsResources::create().await;
+    let sync = directory_sync(&emulator, &aws, "", KEY).await;
+    let mapping = sync.config.mapping_for("contact").unwrap().clone();
+    let id = Uuid::new_v4();
+    let before = contact_entry(&sync, id, "+447711955601", "2026-11-20T10:00:01Z");
+    sync.directory.put(&before, &mapping).await.unwrap();
+    let after = contact_entry(&sync, id, "+447711955602", "2026-11-20T10:00:02Z");
+    let page_through = |operation: &'static str| {
+        let (aws, after, mapping) = (&aws, after.clone(), mapping.clone());
+        async move {
+            let proxy =
+                e2e::unprocessed_proxy::UnprocessedProxy::start(e2e::aws_endpoint(), operation)
+                    .await;
+            let via = aws.through(proxy.url());
+            let directory =
+                shared::directory::CallerDirectory::dynamodb(via.dynamodb, &aws.directory_table);
+            // Bounded: retrying the unprocessed part forever is the other way to lose it.
+            let written = tokio::time::timeout(
+                Duration::from_secs(60),
+                directory.put_page(&[after], &mapping, 1),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("{operation}: gave up within a minute"));
+            (written, proxy.refused())
+        }
+    };
+    let ((read, reads), (write, writes)) =
+        tokio::join!(page_through("BatchGetItem"), page_through("BatchWriteItem"));
+    for (written, operation, tries) in [(read, "read", reads), (write, "write", writes)] {
+        let error = written.expect_err(operation);
+        assert!(error.is_transient(), "{operation}: {error}");
+        assert!(
+            error.to_string().contains("unprocessed"),
+            "{operation}: {error}"
+        );
+        assert_eq!(tries, 9, "{operation}: the first try and 8 retries");
+    }
+    // Nothing was half written: the entry still has its old number only.
+    assert_eq!(matches(&sync, "+447711955601").await, 1);
+    assert_eq!(matches(&sync, "+447711955602").await, 0);
+}
+
 #[tokio::test]
 async fn a_directory_write_stopped_at_any_request_is_finished_by_its_retry() {
     let emulator = emulator().await;
