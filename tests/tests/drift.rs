@@ -802,6 +802,52 @@ async fn a_transcript_waiting_for_dynamics_is_not_carried_in_the_contact_state()
     assert!(state < 20_000, "{state} bytes");
 }
 
+/// A first attempt that took the contact's lock and died before saving leaves an
+/// item holding only the lock: it expires like any state item, not never.
+#[tokio::test]
+async fn a_lock_left_by_a_crashed_first_attempt_expires() {
+    let aws = AwsResources::create().await;
+    let store =
+        shared::contact_state::ContactStateStore::dynamodb(aws.dynamodb.clone(), &aws.state_table);
+    let contact_id = Uuid::new_v4();
+    let taken = store
+        .lock(
+            contact_id,
+            Duration::from_secs(10),
+            Instant::now() + Duration::from_secs(2),
+        )
+        .await
+        .unwrap();
+    assert!(taken.is_some(), "the lock is free");
+    let item = aws
+        .dynamodb
+        .get_item()
+        .table_name(&aws.state_table)
+        .key(
+            "contact_id",
+            aws_sdk_dynamodb::types::AttributeValue::S(contact_id.to_string()),
+        )
+        .send()
+        .await
+        .unwrap()
+        .item
+        .unwrap_or_default();
+    assert!(item.get("state").is_none(), "only the lock: {item:?}");
+    let expires: u64 = item
+        .get("ttl")
+        .and_then(|ttl| ttl.as_n().ok())
+        .and_then(|n| n.parse().ok())
+        .expect("a TTL on the lock-only item");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        expires > now && expires <= now + 8 * 86_400,
+        "expires within days: {expires} (now {now})"
+    );
+}
+
 /// Another invocation's lock on the contact, held for ten minutes.
 async fn lock_held_elsewhere(aws: &AwsResources, contact_id: &str) {
     use aws_sdk_dynamodb::types::AttributeValue;
