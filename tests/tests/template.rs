@@ -138,18 +138,32 @@ fn the_public_webhook_has_a_concurrency_cap_of_its_own() {
     }
 }
 
+/// Every function that brings a contact up to date may make its transcript's note,
+/// so each can read the recording bucket, encrypted with a customer-managed key or not.
 #[test]
-fn a_recording_bucket_with_a_customer_managed_key_can_be_read() {
+fn every_lifecycle_function_can_read_the_recording_bucket() {
     let template = template();
     assert!(!template["Parameters"]["RecordingBucketKmsKeyArn"].is_null());
-    let (_, recording) = resources(&template, "AWS::Serverless::Function")
-        .into_iter()
-        .find(|(id, _)| *id == "RecordingAvailableFunction")
-        .expect("recording-available");
-    let policies =
-        serde_norway::to_string(&recording["Properties"]["Policies"]).unwrap_or_default();
-    assert!(
-        policies.contains("kms:Decrypt") && policies.contains("RecordingBucketKmsKeyArn"),
-        "{policies}"
-    );
+    let functions = resources(&template, "AWS::Serverless::Function");
+    for id in [
+        "ContactCreatedFunction",
+        "ContactAnsweredFunction",
+        "ContactEndedFunction",
+        "RecordingAvailableFunction",
+    ] {
+        let (_, function) = functions
+            .iter()
+            .find(|(logical, _)| *logical == id)
+            .unwrap_or_else(|| panic!("{id}"));
+        let policies =
+            serde_norway::to_string(&function["Properties"]["Policies"]).unwrap_or_default();
+        assert!(
+            policies.contains("s3:GetObject") && policies.contains("RecordingBucketName"),
+            "{id}: {policies}"
+        );
+        assert!(
+            policies.contains("kms:Decrypt") && policies.contains("RecordingBucketKmsKeyArn"),
+            "{id}: {policies}"
+        );
+    }
 }
