@@ -3,6 +3,10 @@
 //! service (its effect happens there) and its answer never comes back, as when
 //! the process is killed right after sending it. Every request is numbered and
 //! labelled, so a test can crash at each boundary of a lifecycle in turn.
+//!
+//! It can also answer one DynamoDB batch operation as DynamoDB does under
+//! throttling: nothing processed, every key or item handed back as
+//! `UnprocessedKeys` / `UnprocessedItems`.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,6 +27,9 @@ struct Shared {
     seen: AtomicUsize,
     crashed: Notify,
     labels: Mutex<Vec<String>>,
+    /// `BatchGetItem` or `BatchWriteItem` answered with everything unprocessed.
+    unprocessed: Option<&'static str>,
+    unprocessed_answers: AtomicUsize,
 }
 
 pub struct CrashProxy {
@@ -34,6 +41,21 @@ impl CrashProxy {
     /// Forwards Dynamics, Entra and Amazon Connect paths to `dynamics`, the rest to
     /// `aws`; holds the answer to request number `crash_after` (1-based) forever.
     pub async fn start(dynamics: String, aws: String, crash_after: Option<usize>) -> Self {
+        Self::launch(dynamics, aws, crash_after, None).await
+    }
+
+    /// In front of moto_server: `operation` (`BatchGetItem`, `BatchWriteItem`) is
+    /// answered with nothing processed; everything else goes through.
+    pub async fn leaving_unprocessed(aws: String, operation: &'static str) -> Self {
+        Self::launch(String::new(), aws, None, Some(operation)).await
+    }
+
+    async fn launch(
+        dynamics: String,
+        aws: String,
+        crash_after: Option<usize>,
+        unprocessed: Option<&'static str>,
+    ) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind the proxy on loopback");
@@ -47,6 +69,8 @@ impl CrashProxy {
             seen: AtomicUsize::new(0),
             crashed: Notify::new(),
             labels: Mutex::new(Vec::new()),
+            unprocessed,
+            unprocessed_answers: AtomicUsize::new(0),
         });
         let router = Router::new().fallback(forward).with_state(shared.clone());
         tokio::spawn(async move { axum::serve(listener, router).await });
@@ -55,6 +79,11 @@ impl CrashProxy {
 
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// Batch requests answered with everything unprocessed.
+    pub fn unprocessed_answers(&self) -> usize {
+        self.shared.unprocessed_answers.load(Ordering::SeqCst)
     }
 
     /// Requests seen so far.
@@ -108,6 +137,9 @@ async fn forward(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .push(label);
+    if let Some(answer) = unprocessed_answer(&shared, &headers, &body) {
+        return answer;
+    }
     let path = uri.path();
     let to_dynamics =
         path.starts_with("/api/data/") || path.contains("/oauth2/") || path.starts_with("/users/");
@@ -177,4 +209,29 @@ async fn forward(
         }
     }
     response
+}
+
+/// The answer DynamoDB gives a batch it processed none of, for the chosen operation.
+fn unprocessed_answer(shared: &Shared, headers: &HeaderMap, body: &Bytes) -> Option<Response> {
+    let operation = shared.unprocessed?;
+    let target = headers.get("x-amz-target")?.to_str().ok()?;
+    if target.strip_prefix("DynamoDB_20120810.") != Some(operation) {
+        return None;
+    }
+    shared.unprocessed_answers.fetch_add(1, Ordering::SeqCst);
+    let request: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let items = request["RequestItems"].clone();
+    let answer = if operation == "BatchGetItem" {
+        serde_json::json!({"Responses": {}, "UnprocessedKeys": items})
+    } else {
+        serde_json::json!({"UnprocessedItems": items})
+    };
+    Some(
+        (
+            StatusCode::OK,
+            [("content-type", "application/x-amz-json-1.0")],
+            answer.to_string(),
+        )
+            .into_response(),
+    )
 }

@@ -5,7 +5,6 @@ pub mod bench;
 pub mod contact;
 pub mod crash_proxy;
 pub mod runtime_api;
-pub mod unprocessed_proxy;
 
 use std::time::{Duration, Instant};
 

@@ -407,9 +407,11 @@ async fn a_slow_token_endpoint_costs_the_flow_its_budget_and_nothing_else() {
 }
 
 /// The contact's state item as DynamoDB holds it.
-async fn state_item_bytes(aws: &AwsResources, contact_id: &str) -> usize {
-    let item = aws
-        .dynamodb
+async fn state_item(
+    aws: &AwsResources,
+    contact_id: &str,
+) -> std::collections::HashMap<String, aws_sdk_dynamodb::types::AttributeValue> {
+    aws.dynamodb
         .get_item()
         .table_name(&aws.state_table)
         .key(
@@ -420,10 +422,34 @@ async fn state_item_bytes(aws: &AwsResources, contact_id: &str) -> usize {
         .await
         .unwrap()
         .item
-        .unwrap_or_default();
-    item.get("state")
+        .unwrap_or_default()
+}
+
+/// The size of the contact's state document.
+async fn state_item_bytes(aws: &AwsResources, contact_id: &str) -> usize {
+    state_item(aws, contact_id)
+        .await
+        .get("state")
         .and_then(|v| v.as_s().ok())
         .map_or(0, String::len)
+}
+
+/// The scenario's chat transcript file holds `lines`.
+async fn chat_transcript_is(
+    aws: &AwsResources,
+    scenario: &e2e::contact::Scenario,
+    lines: Vec<Value>,
+) {
+    let (_, recording) = &scenario.events[4];
+    let key = recording["detail"]["object"]["key"].as_str().unwrap();
+    aws.s3
+        .put_object()
+        .bucket(&aws.bucket)
+        .key(key)
+        .body(json!({"Transcript": lines}).to_string().into_bytes().into())
+        .send()
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -432,23 +458,11 @@ async fn a_long_chat_transcript_never_outgrows_the_contact_state() {
     let aws = AwsResources::create().await;
     let lifecycle = lifecycle(&emulator, &aws, "");
     let scenario = scenario(&aws).await;
-    let (_, recording) = scenario.events[4].clone();
-    let key = recording["detail"]["object"]["key"]
-        .as_str()
-        .unwrap()
-        .to_owned();
     // About 600 KB of chat (under the 1 MB transcript limit), as a long chat gives.
     let lines: Vec<Value> = (0..6000)
         .map(|n| json!({"Content": format!("message {n:05} {}", "x".repeat(80)), "ParticipantRole": "CUSTOMER", "DisplayName": "Nadia"}))
         .collect();
-    aws.s3
-        .put_object()
-        .bucket(&aws.bucket)
-        .key(&key)
-        .body(json!({"Transcript": lines}).to_string().into_bytes().into())
-        .send()
-        .await
-        .unwrap();
+    chat_transcript_is(&aws, &scenario, lines).await;
     for (kind, event) in scenario.events.clone() {
         deliver(&lifecycle, kind, event).await;
     }
@@ -547,7 +561,7 @@ async fn a_batch_dynamodb_leaves_unprocessed_is_an_error_not_a_silent_loss() {
         let (aws, after, mapping) = (&aws, after.clone(), mapping.clone());
         async move {
             let proxy =
-                e2e::unprocessed_proxy::UnprocessedProxy::start(e2e::aws_endpoint(), operation)
+                e2e::crash_proxy::CrashProxy::leaving_unprocessed(e2e::aws_endpoint(), operation)
                     .await;
             let via = aws.through(proxy.url());
             let directory =
@@ -559,7 +573,7 @@ async fn a_batch_dynamodb_leaves_unprocessed_is_an_error_not_a_silent_loss() {
             )
             .await
             .unwrap_or_else(|_| panic!("{operation}: gave up within a minute"));
-            (written, proxy.refused())
+            (written, proxy.unprocessed_answers())
         }
     };
     let ((read, reads), (write, writes)) =
@@ -758,23 +772,11 @@ async fn a_transcript_waiting_for_dynamics_is_not_carried_in_the_contact_state()
     let aws = AwsResources::create().await;
     let lifecycle = lifecycle(&emulator, &aws, "");
     let scenario = scenario(&aws).await;
-    let (_, recording) = scenario.events[4].clone();
-    let key = recording["detail"]["object"]["key"]
-        .as_str()
-        .unwrap()
-        .to_owned();
     // 100,000 four-byte characters: a note's worth of text, 400 KB as UTF-8.
     let lines: Vec<Value> = (0..10)
         .map(|_| json!({"Content": "\u{1F4DE}".repeat(10_000), "ParticipantRole": "CUSTOMER", "DisplayName": "Nadia"}))
         .collect();
-    aws.s3
-        .put_object()
-        .bucket(&aws.bucket)
-        .key(&key)
-        .body(json!({"Transcript": lines}).to_string().into_bytes().into())
-        .send()
-        .await
-        .unwrap();
+    chat_transcript_is(&aws, &scenario, lines).await;
     emulator.set_faults(dataverse_emulator::Faults {
         unavailable_ratio: 1.0,
         ..dataverse_emulator::Faults::default()
@@ -819,20 +821,8 @@ async fn a_lock_left_by_a_crashed_first_attempt_expires() {
         .await
         .unwrap();
     assert!(taken.is_some(), "the lock is free");
-    let item = aws
-        .dynamodb
-        .get_item()
-        .table_name(&aws.state_table)
-        .key(
-            "contact_id",
-            aws_sdk_dynamodb::types::AttributeValue::S(contact_id.to_string()),
-        )
-        .send()
-        .await
-        .unwrap()
-        .item
-        .unwrap_or_default();
-    assert!(item.get("state").is_none(), "only the lock: {item:?}");
+    let item = state_item(&aws, &contact_id.to_string()).await;
+    assert!(!item.contains_key("state"), "only the lock: {item:?}");
     let expires: u64 = item
         .get("ttl")
         .and_then(|ttl| ttl.as_n().ok())
