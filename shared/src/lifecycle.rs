@@ -208,6 +208,42 @@ fn refused_column(
     Some((column.to_owned(), sent.get(column)?.clone()))
 }
 
+/// Leaves a refused column out of the contact's writes from now on, and says so;
+/// returns what its dead letter carries.
+fn leave_column_out(
+    state: &mut ContactState,
+    rendered: &Rendered,
+    column: String,
+    value: Value,
+    error: &DataverseError,
+) -> (Step, RefusedColumn) {
+    let step = rendered
+        .origins
+        .get(&column)
+        .copied()
+        .unwrap_or(Step::Created);
+    let message = match error {
+        DataverseError::Rejected { message, .. } => message.clone(),
+        other => other.to_string(),
+    };
+    tracing::warn!(
+        contact_id = ?state.created.as_ref().map(|c| c.contact_id.to_string()),
+        column,
+        step = step.name(),
+        reason = message,
+        "column refused by Dynamics; left out of the contact's writes"
+    );
+    state
+        .refused_columns
+        .insert(column.clone(), message.clone());
+    let refused = RefusedColumn {
+        name: column,
+        value,
+        message,
+    };
+    (step, refused)
+}
+
 /// Whether a file is a redacted copy (Contact Lens with redaction on; redacted
 /// audio is never a recording, so this is a redacted transcript).
 fn is_redacted(facts: &StepFacts) -> bool {
@@ -841,33 +877,7 @@ impl Lifecycle {
             }
             // One refused column costs that column, not the step or the ones after it.
             if let Some((column, value)) = refused_column(state, &rendered, &error) {
-                let step = rendered
-                    .origins
-                    .get(&column)
-                    .copied()
-                    .unwrap_or(Step::Created);
-                let message = match &error {
-                    DataverseError::Rejected { message, .. } => message.clone(),
-                    other => other.to_string(),
-                };
-                tracing::warn!(
-                    contact_id = ?state.created.as_ref().map(|c| c.contact_id.to_string()),
-                    column,
-                    step = step.name(),
-                    reason = message,
-                    "column refused by Dynamics; left out of the contact's writes"
-                );
-                state
-                    .refused_columns
-                    .insert(column.clone(), message.clone());
-                refused_now.push((
-                    step,
-                    RefusedColumn {
-                        name: column,
-                        value,
-                        message,
-                    },
-                ));
+                refused_now.push(leave_column_out(state, &rendered, column, value, &error));
                 rendered = self.render(state, record)?;
                 continue;
             }

@@ -1358,6 +1358,7 @@ async fn a_live_validation_names_the_template_columns_dynamics_would_refuse() {
         .filter(|r| r.target.contains("/Attributes"))
         .map(|r| r.target.clone())
         .collect();
+    assert!(!reads.is_empty(), "the column definitions were read");
     assert!(
         reads
             .iter()
