@@ -254,6 +254,28 @@ async fn preview(args: &[String]) -> Result<(), String> {
     for request in emulator.requests() {
         print_request(&request);
     }
+    // The ended step holds the close for the contact's file: show what closes it
+    // when none comes within the grace.
+    while let Some(message) = lifecycle
+        .handoff
+        .take_retry::<shared::handoff::RetryMessage>()
+        .filter(|message| message.close_due)
+    {
+        println!(
+            "\n{step}: the close waits up to {} s (contact.close_grace_seconds) for the recording or \
+             transcript, whose write then carries it; with no file by then, the close alone:\n",
+            lifecycle.config.contact.close_grace.as_secs()
+        );
+        emulator.clear_requests();
+        let deadline = Instant::now() + Duration::from_secs(8);
+        lifecycle
+            .process(message, deadline, None)
+            .await
+            .map_err(|e| e.to_string())?;
+        for request in emulator.requests() {
+            print_request(&request);
+        }
+    }
     if target == samples::Kind::Flow {
         println!("\n  answer to the contact flow:");
         println!(
@@ -345,17 +367,16 @@ async fn simulate(args: &[String]) -> Result<(), String> {
         .handoff
         .take_retry::<shared::handoff::RetryMessage>()
     {
-        println!("== retry: {} ==", message.reason);
+        if message.close_due {
+            println!(
+                "== the close's grace ends (the recording's write already closed the record) =="
+            );
+        } else {
+            println!("== retry: {} ==", message.reason);
+        }
         let deadline = Instant::now() + Duration::from_secs(8);
         lifecycle
-            .process(
-                message.contact_id,
-                message.facts,
-                message.attempt,
-                Some(message.first_seen),
-                deadline,
-                None,
-            )
+            .process(message, deadline, None)
             .await
             .map_err(|e| e.to_string())?;
     }

@@ -61,6 +61,7 @@ fn preview_prints_the_request_with_the_token_redacted() {
     let (ok, output) = run(&["preview", "ended"]);
     assert!(ok, "{output}");
     assert!(output.contains("PATCH "), "{output}");
+    assert!(output.contains("the close waits up to 300 s"), "{output}");
     assert!(output.contains("\"statecode\": 1"), "{output}");
     assert_tokens_redacted(&output);
 }

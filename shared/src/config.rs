@@ -201,6 +201,19 @@ struct ContactDocument {
     /// come back, before it is dead-lettered.
     #[serde(default = "default_retry_window_minutes")]
     retry_window_minutes: u64,
+    /// After the contact ends, hold the record's close this long for its call
+    /// recording or chat transcript, so the file's link and the close are one
+    /// write instead of a close, a reopen and a second close. 0 closes at once.
+    #[serde(default = "default_close_grace_seconds")]
+    close_grace_seconds: u64,
+    /// The channels whose contacts leave a file in S3 (a voice call only when an
+    /// agent took it: Amazon Connect records the agent's conversation).
+    #[serde(default = "default_close_grace_channels")]
+    close_grace_channels: Vec<String>,
+    /// A start time from the `INITIATED` event that differs from the flow's by less
+    /// than this rides on the contact's next write instead of a request of its own.
+    #[serde(default = "default_start_tolerance_seconds")]
+    start_tolerance_seconds: u64,
     /// How the record names the matched customer: its `regarding` lookup, or an
     /// activity party (the caller as sender of an inbound call, recipient of an outbound one).
     #[serde(default)]
@@ -230,6 +243,9 @@ impl Default for ContactDocument {
             transcript_max_bytes: default_transcript_max_bytes(),
             flow_budget_ms: default_flow_budget_ms(),
             retry_window_minutes: default_retry_window_minutes(),
+            close_grace_seconds: default_close_grace_seconds(),
+            close_grace_channels: default_close_grace_channels(),
+            start_tolerance_seconds: default_start_tolerance_seconds(),
             bind_customer_as: CustomerBinding::default(),
             owner_from_agent: None,
         }
@@ -249,6 +265,15 @@ fn default_flow_budget_ms() -> u64 {
     3000
 }
 fn default_retry_window_minutes() -> u64 {
+    120
+}
+fn default_close_grace_seconds() -> u64 {
+    300
+}
+fn default_close_grace_channels() -> Vec<String> {
+    vec!["VOICE".into(), "CHAT".into()]
+}
+fn default_start_tolerance_seconds() -> u64 {
     120
 }
 
@@ -425,6 +450,10 @@ pub struct ContactConfig {
     pub transcript_max_bytes: u64,
     pub flow_budget: Duration,
     pub retry_window: Duration,
+    pub close_grace: Duration,
+    /// Upper case, as Amazon Connect names channels.
+    pub close_grace_channels: Vec<String>,
+    pub start_tolerance: Duration,
     pub bind_customer_as: CustomerBinding,
     pub owner_from_agent: Option<OwnerColumn>,
 }
@@ -490,6 +519,12 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        if contact_document.close_grace_seconds > 900 {
+            return Err(ConfigError::at(
+                "contact.close_grace_seconds",
+                "must be at most 900 (15 minutes, the longest SQS delay)",
+            ));
+        }
         if contact_document.state_ttl_days == 0 {
             return Err(ConfigError::at(
                 "contact.state_ttl_days",
@@ -545,6 +580,13 @@ impl Config {
                 transcript_max_bytes: contact_document.transcript_max_bytes,
                 flow_budget: Duration::from_millis(contact_document.flow_budget_ms),
                 retry_window: Duration::from_secs(contact_document.retry_window_minutes * 60),
+                close_grace: Duration::from_secs(contact_document.close_grace_seconds),
+                close_grace_channels: contact_document
+                    .close_grace_channels
+                    .iter()
+                    .map(|channel| channel.to_ascii_uppercase())
+                    .collect(),
+                start_tolerance: Duration::from_secs(contact_document.start_tolerance_seconds),
                 bind_customer_as: contact_document.bind_customer_as,
                 owner_from_agent: contact_document.owner_from_agent,
             },

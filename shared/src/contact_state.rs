@@ -53,12 +53,56 @@ pub struct ContactState {
     /// answer: left out of every later write of the contact, the rest kept.
     #[serde(default)]
     pub refused_columns: BTreeMap<String, String>,
+    /// The start time of a late `INITIATED` event, close to the flow's: it rides
+    /// on the contact's next write rather than costing one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub late_start: Option<Value>,
+    /// The close held for the contact's recording or transcript is due: its grace passed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub close_released: bool,
 }
 
 impl ContactState {
-    /// Adds an event's facts. Duplicates change nothing; flow facts replace
-    /// contact-event facts for the creation (the flow knows the caller's number).
-    pub fn merge(&mut self, facts: StepFacts) -> bool {
+    /// Adds an event's facts; whether they tell something new. Duplicates change
+    /// nothing; flow facts replace contact-event facts for the creation (the flow
+    /// knows the caller's number). A late `INITIATED` start time within
+    /// `start_tolerance` of the flow's waits for the next step's facts.
+    pub fn merge(&mut self, facts: StepFacts, start_tolerance: Duration) -> bool {
+        if let Some(start) = self.late_start_within(&facts, start_tolerance) {
+            self.late_start = Some(start);
+            return false;
+        }
+        let new = self.merge_facts(facts);
+        if new && let (Some(start), Some(created)) = (self.late_start.take(), self.created.as_mut())
+        {
+            created.values.insert("InitiationTimestamp".into(), start);
+        }
+        new
+    }
+
+    /// The start time of an `INITIATED` event that corrects the flow's by less than `tolerance`.
+    fn late_start_within(&self, facts: &StepFacts, tolerance: Duration) -> Option<Value> {
+        let existing = self.created.as_ref()?;
+        if facts.step != Step::Created
+            || facts.source != Source::ContactEvent
+            || existing.source != Source::Flow
+        {
+            return None;
+        }
+        let start = facts.values.get("InitiationTimestamp")?;
+        let provisional = existing.values.get("InitiationTimestamp")?;
+        let parse = |value: &Value| {
+            time::OffsetDateTime::parse(
+                value.as_str()?,
+                &time::format_description::well_known::Rfc3339,
+            )
+            .ok()
+        };
+        let difference = (parse(start)? - parse(provisional)?).unsigned_abs();
+        (start != provisional && difference < tolerance).then(|| start.clone())
+    }
+
+    fn merge_facts(&mut self, facts: StepFacts) -> bool {
         let slot = match facts.step {
             Step::Created => &mut self.created,
             Step::Answered => &mut self.answered,
@@ -340,18 +384,88 @@ mod tests {
         }
     }
 
+    const TOLERANCE: Duration = Duration::from_secs(120);
+
+    fn started(source: Source, at: &str) -> StepFacts {
+        let mut facts = facts(Step::Created, source, "start");
+        facts
+            .values
+            .insert("InitiationTimestamp".into(), Value::String(at.into()));
+        facts
+    }
+
+    fn start_of(state: &ContactState) -> &Value {
+        &state.created.as_ref().unwrap().values["InitiationTimestamp"]
+    }
+
+    #[test]
+    fn a_late_start_within_the_tolerance_waits_for_the_next_step() {
+        let mut state = ContactState::default();
+        assert!(state.merge(started(Source::Flow, "2025-03-11T13:20:30Z"), TOLERANCE));
+        assert!(!state.merge(
+            started(Source::ContactEvent, "2025-03-11T13:20:15Z"),
+            TOLERANCE
+        ));
+        assert_eq!(start_of(&state), "2025-03-11T13:20:30Z");
+        // The next new facts carry it; a duplicate does not.
+        assert!(!state.merge(
+            started(Source::ContactEvent, "2025-03-11T13:20:15Z"),
+            TOLERANCE
+        ));
+        assert!(state.merge(facts(Step::Answered, Source::ContactEvent, "a"), TOLERANCE));
+        assert_eq!(start_of(&state), "2025-03-11T13:20:15Z");
+        assert_eq!(state.late_start, None);
+    }
+
+    #[test]
+    fn a_late_start_beyond_the_tolerance_is_new_at_once() {
+        let mut state = ContactState::default();
+        assert!(state.merge(started(Source::Flow, "2025-03-11T13:25:00Z"), TOLERANCE));
+        assert!(state.merge(
+            started(Source::ContactEvent, "2025-03-11T13:20:15Z"),
+            TOLERANCE
+        ));
+        assert_eq!(start_of(&state), "2025-03-11T13:20:15Z");
+        // The flow after the event keeps the event's start time.
+        let mut state = ContactState::default();
+        assert!(state.merge(
+            started(Source::ContactEvent, "2025-03-11T13:20:15Z"),
+            TOLERANCE
+        ));
+        assert!(state.merge(started(Source::Flow, "2025-03-11T13:20:30Z"), TOLERANCE));
+        assert_eq!(start_of(&state), "2025-03-11T13:20:15Z");
+    }
+
     #[test]
     fn flow_facts_win_over_event_facts_and_duplicates_change_nothing() {
         let mut state = ContactState::default();
-        assert!(state.merge(facts(Step::Created, Source::ContactEvent, "event")));
-        assert!(!state.merge(facts(Step::Created, Source::ContactEvent, "event again")));
-        assert!(state.merge(facts(Step::Created, Source::Flow, "flow")));
-        assert!(!state.merge(facts(Step::Created, Source::ContactEvent, "late event")));
+        assert!(state.merge(
+            facts(Step::Created, Source::ContactEvent, "event"),
+            TOLERANCE
+        ));
+        assert!(!state.merge(
+            facts(Step::Created, Source::ContactEvent, "event again"),
+            TOLERANCE
+        ));
+        assert!(state.merge(facts(Step::Created, Source::Flow, "flow"), TOLERANCE));
+        assert!(!state.merge(
+            facts(Step::Created, Source::ContactEvent, "late event"),
+            TOLERANCE
+        ));
         assert_eq!(state.created.as_ref().unwrap().values["marker"], "flow");
         assert_eq!(state.created.as_ref().unwrap().source, Source::Flow);
-        assert!(state.merge(facts(Step::Recording, Source::ContactEvent, "a.wav")));
-        assert!(!state.merge(facts(Step::Recording, Source::ContactEvent, "a.wav")));
-        assert!(state.merge(facts(Step::Recording, Source::ContactEvent, "b.json")));
+        assert!(state.merge(
+            facts(Step::Recording, Source::ContactEvent, "a.wav"),
+            TOLERANCE
+        ));
+        assert!(!state.merge(
+            facts(Step::Recording, Source::ContactEvent, "a.wav"),
+            TOLERANCE
+        ));
+        assert!(state.merge(
+            facts(Step::Recording, Source::ContactEvent, "b.json"),
+            TOLERANCE
+        ));
         assert_eq!(state.recordings.len(), 2);
     }
 }

@@ -110,14 +110,7 @@ async fn apply(
 ) -> Result<Value, HandlerError> {
     let deadline = work_deadline(lambda_deadline);
     let report = lifecycle
-        .process(
-            facts.contact_id,
-            Some(facts),
-            0,
-            None,
-            deadline,
-            Some(event),
-        )
+        .process(RetryMessage::event(facts), deadline, Some(event))
         .await?;
     finish(lifecycle, &report, started);
     Ok(Value::Null)
@@ -166,14 +159,7 @@ pub async fn flow(
     let deadline = budget.min(work_deadline(lambda_deadline));
     // The budget bounds Dynamics inside `process`; this bounds everything else on the
     // flow path too (DynamoDB, the token endpoint, a lease), whatever hangs.
-    let work = lifecycle.process(
-        contact_id,
-        Some(facts.clone()),
-        0,
-        None,
-        deadline,
-        Some(&event),
-    );
+    let work = lifecycle.process(RetryMessage::event(facts.clone()), deadline, Some(&event));
     let report = match tokio::time::timeout_at((deadline + FLOW_GRACE).into(), work).await {
         Ok(report) => report?,
         Err(_) => {
@@ -335,14 +321,7 @@ pub async fn retries(
             }
         };
         let result = lifecycle
-            .process(
-                message.contact_id,
-                message.facts.clone(),
-                message.attempt,
-                Some(message.first_seen),
-                work_deadline(lambda_deadline),
-                None,
-            )
+            .process(message, work_deadline(lambda_deadline), None)
             .await;
         match result {
             Ok(report) => finish(lifecycle, &report, started),

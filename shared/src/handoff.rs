@@ -13,7 +13,8 @@ use uuid::Uuid;
 use crate::connect::StepFacts;
 use crate::store_error::StoreError;
 
-/// A contact to process again later.
+/// Work on a contact: an event's facts as they arrive, or a contact to process
+/// again later (the retry queue's message).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RetryMessage {
     pub contact_id: Uuid,
@@ -23,6 +24,25 @@ pub struct RetryMessage {
     /// Unix seconds when the work was first handed off: the retry window runs from here.
     pub first_seen: u64,
     pub reason: String,
+    /// The close held for the contact's recording is due (sent with the grace as its delay).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub close_due: bool,
+}
+
+impl RetryMessage {
+    /// An event's facts, first seen now.
+    pub fn event(facts: StepFacts) -> Self {
+        Self {
+            contact_id: facts.contact_id,
+            facts: Some(facts),
+            attempt: 0,
+            first_seen: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            reason: String::new(),
+            close_due: false,
+        }
+    }
 }
 
 /// What the dead-letter queue receives: enough to understand and replay.

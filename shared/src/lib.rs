@@ -21,5 +21,6 @@ pub mod services;
 pub mod setup;
 pub mod store_error;
 pub mod template;
+pub mod tls;
 pub mod token_cache;
 pub mod webhook;

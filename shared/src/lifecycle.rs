@@ -323,16 +323,20 @@ impl Lifecycle {
     /// `deadline` bounds the Dynamics work; storing and handing off come after it.
     pub async fn process(
         &self,
-        contact_id: Uuid,
-        facts: Option<StepFacts>,
-        attempt: u32,
-        first_seen: Option<u64>,
+        work: RetryMessage,
         deadline: Instant,
         event: Option<&Value>,
     ) -> Result<Report, HandoffFailed> {
         let before = self.dataverse.stats();
+        let RetryMessage {
+            contact_id,
+            facts,
+            attempt,
+            first_seen,
+            close_due,
+            ..
+        } = work;
         let step = facts.as_ref().map(|f| f.step);
-        let first_seen = first_seen.unwrap_or_else(unix_now);
         let mut report = Report {
             contact_id: Some(contact_id),
             step,
@@ -372,6 +376,7 @@ impl Lifecycle {
                 attempt: attempt + 1,
                 first_seen,
                 reason: reason.into(),
+                close_due,
             };
             self.handoff
                 .retry_later(&message, Duration::from_secs(2))
@@ -386,8 +391,9 @@ impl Lifecycle {
             state.first_seen = first_seen;
         }
         if let Some(facts) = facts.clone() {
-            state.merge(facts);
+            state.merge(facts, self.config.contact.start_tolerance);
         }
+        state.close_released |= close_due;
         self.look_up_caller(&mut state).await;
         report.record_id = Self::record_id_of(&state);
 
@@ -447,6 +453,7 @@ impl Lifecycle {
                 attempt: attempt + 1,
                 first_seen: state.first_seen,
                 reason,
+                close_due,
             };
             self.handoff
                 .retry_later(&message, retry_delay(self.retry_base_delay, attempt))
@@ -478,6 +485,23 @@ impl Lifecycle {
             )
             .await?;
         }
+        // The ended step holds the close for the recording: a delayed hand-off closes
+        // the record alone if no file comes within the grace. Duplicates of the
+        // event send duplicates of it, which find the record closed.
+        if step == Some(Step::Ended) && self.holds_close(&state) {
+            let message = RetryMessage {
+                contact_id,
+                facts: None,
+                attempt: 0,
+                first_seen: state.first_seen,
+                reason: "the close waited for the contact's recording or transcript".into(),
+                close_due: true,
+            };
+            self.handoff
+                .retry_later(&message, self.config.contact.close_grace)
+                .await?;
+            tracing::info!(%contact_id, grace_seconds = self.config.contact.close_grace.as_secs(), "close held for the recording");
+        }
         report.outcome = match result {
             Ok(_) => Outcome::Applied,
             Err(ApplyError::Permanent(reason)) => {
@@ -506,6 +530,7 @@ impl Lifecycle {
                         attempt: attempt + 1,
                         first_seen: state.first_seen,
                         reason: reason.clone(),
+                        close_due: false,
                     };
                     self.handoff
                         .retry_later(&message, retry_delay(self.retry_base_delay, attempt))
@@ -532,11 +557,8 @@ impl Lifecycle {
         reason: String,
     ) -> Result<Report, HandoffFailed> {
         let message = RetryMessage {
-            contact_id: facts.contact_id,
-            facts: Some(facts.clone()),
-            attempt: 0,
-            first_seen: unix_now(),
             reason,
+            ..RetryMessage::event(facts.clone())
         };
         self.handoff
             .retry_later(&message, self.retry_base_delay)
@@ -725,7 +747,7 @@ impl Lifecycle {
         let ended_ok = state.ended.is_some()
             && !state.failed_steps.contains_key(Step::Ended.name())
             && !failed.iter().any(|(s, _)| *s == Step::Ended);
-        let close = match (&contact.close, ended_ok) {
+        let close = match (&contact.close, ended_ok && !self.holds_close(state)) {
             (Some(template), true) => {
                 match templates.render(template, &Value::Object(context.clone())) {
                     Ok(Value::Object(body)) => Some(body),
@@ -818,6 +840,34 @@ impl Lifecycle {
             failed,
             origins,
         })
+    }
+
+    /// Whether the ended contact's close waits for its file (`contact.close_grace_seconds`),
+    /// so that the recording's link and the close are one write.
+    fn holds_close(&self, state: &ContactState) -> bool {
+        let contact = &self.config.contact;
+        let Some(ended) = &state.ended else {
+            return false;
+        };
+        if contact.close_grace.is_zero()
+            || state.close_released
+            || state.closed
+            || !state.recordings.is_empty()
+        {
+            return false;
+        }
+        let channel = [state.created.as_ref(), Some(ended)]
+            .into_iter()
+            .flatten()
+            .find_map(|facts| facts.values.get("Channel").and_then(Value::as_str))
+            .map(str::to_ascii_uppercase);
+        let Some(channel) = channel.filter(|c| contact.close_grace_channels.contains(c)) else {
+            return false;
+        };
+        // Amazon Connect records a call while an agent is on it: no agent, no file.
+        channel != "VOICE"
+            || state.answered.is_some()
+            || ended.values.contains_key("ConnectedToAgentTimestamp")
     }
 
     /// Whether original transcripts stay out of notes: Contact Lens wrote a redacted

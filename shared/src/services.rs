@@ -20,6 +20,7 @@ use crate::directory_sync::{CheckpointStore, DirectorySync};
 use crate::handlers::{HandlerError, deadline_from};
 use crate::handoff::Handoff;
 use crate::lifecycle::Lifecycle;
+use crate::tls::TlsRoots;
 use crate::token_cache::{TokenCache, TokenStore};
 
 #[derive(Debug, thiserror::Error)]
@@ -126,7 +127,14 @@ fn aws_timeouts() -> aws_config::timeout::TimeoutConfig {
 }
 
 async fn common() -> Result<Common, StartupError> {
+    // One root store for both HTTPS clients of the container.
+    let roots = TlsRoots::from_env().map_err(|e| StartupError(e.to_string()))?;
     let aws = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .http_client(
+            roots
+                .aws_http_client()
+                .map_err(|e| StartupError(e.to_string()))?,
+        )
         .timeout_config(aws_timeouts())
         .load()
         .await;
@@ -137,7 +145,7 @@ async fn common() -> Result<Common, StartupError> {
         .await
         .map_err(|e| StartupError(e.to_string()))?;
     check_stack_parameters(&config)?;
-    let http = DataverseClient::http_client().map_err(|e| StartupError(e.to_string()))?;
+    let http = DataverseClient::http_client(&roots).map_err(|e| StartupError(e.to_string()))?;
     let authenticator = Authenticator::new(
         http.clone(),
         &config.dynamics,
@@ -253,7 +261,8 @@ pub fn local_lifecycle(
     known_agents: HashMap<Uuid, Profile>,
     function: &'static str,
 ) -> Result<Lifecycle, StartupError> {
-    let http = DataverseClient::http_client().map_err(|e| StartupError(e.to_string()))?;
+    let roots = TlsRoots::from_env().map_err(|e| StartupError(e.to_string()))?;
+    let http = DataverseClient::http_client(&roots).map_err(|e| StartupError(e.to_string()))?;
     let authenticator =
         Authenticator::new(http.clone(), &config.dynamics, None).with_secret(secret);
     let dynamics = &config.dynamics;

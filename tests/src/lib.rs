@@ -16,6 +16,7 @@ use shared::auth::Authenticator;
 use shared::config::Config;
 use shared::dataverse::DataverseClient;
 use shared::dataverse::retry::RetryPolicy;
+use shared::handoff::RetryMessage;
 use shared::secret::Secret;
 use shared::token_cache::{TokenCache, TokenStore};
 
@@ -120,7 +121,9 @@ pub fn client(emulator: &Emulator, store: Option<TokenStore>) -> DataverseClient
 pub fn client_via(emulator: &Emulator, base: &str, store: Option<TokenStore>) -> DataverseClient {
     let config = Config::from_yaml(&config_yaml_via(emulator, base))
         .expect("the test configuration is valid");
-    let http = DataverseClient::http_client().expect("http client");
+    let http =
+        DataverseClient::http_client(&shared::tls::TlsRoots::built_in().expect("built-in roots"))
+            .expect("http client");
     let authenticator = Authenticator::new(http.clone(), &config.dynamics, None)
         .with_secret(Secret::new(emulator.options().client_secret.as_str()));
     let retry = RetryPolicy {
@@ -368,6 +371,11 @@ impl AwsResources {
     }
 }
 
+/// The close's wait for a recording in tests that do not set their own: short, so
+/// that draining the retry queue also runs the delayed close, and never zero, so
+/// that every delivery test goes through the hold.
+pub const TEST_CLOSE_GRACE: Duration = Duration::from_secs(1);
+
 /// A function's lifecycle wired to the emulator and moto_server, as `services` wires it in Lambda.
 pub fn lifecycle(
     emulator: &Emulator,
@@ -386,7 +394,10 @@ pub fn lifecycle_via(
     yaml_extra: &str,
 ) -> shared::lifecycle::Lifecycle {
     let yaml = format!("{}{yaml_extra}", config_yaml_via(emulator, base));
-    let config = Config::from_yaml(&yaml).expect("the test configuration is valid");
+    let mut config = Config::from_yaml(&yaml).expect("the test configuration is valid");
+    if !yaml_extra.contains("close_grace_seconds") {
+        config.contact.close_grace = TEST_CLOSE_GRACE;
+    }
     let store = token_store(&aws.dynamodb, &aws.token_table, emulator);
     shared::lifecycle::Lifecycle {
         dataverse: client_via(emulator, base, Some(store)),
@@ -424,7 +435,9 @@ pub fn lifecycle_with_stored_secret(
         &format!("{{ client_secret: {{ secrets_manager: {secret_id} }} }}"),
     );
     let config = Config::from_yaml(&yaml).expect("the test configuration is valid");
-    let http = DataverseClient::http_client().expect("http client");
+    let http =
+        DataverseClient::http_client(&shared::tls::TlsRoots::built_in().expect("built-in roots"))
+            .expect("http client");
     let authenticator = Authenticator::new(
         http.clone(),
         &config.dynamics,
@@ -452,32 +465,46 @@ pub fn connect_agents(base: &str, aws: &AwsResources) -> shared::agents::AgentRe
     shared::agents::AgentResolver::new(shared::agents::UserSource::Connect(client))
 }
 
-/// Feeds the retry queue's messages to contact-created until it stays empty.
-pub async fn drain_retries(lifecycle: &shared::lifecycle::Lifecycle, aws: &AwsResources) -> usize {
-    let mut handled = 0;
-    for _ in 0..100 {
+/// The retry queue's next messages as the SQS event its trigger delivers, and how
+/// many of them are retries (the delayed closes an ended step schedules are not);
+/// `None` once the queue is empty with nothing delayed either.
+pub async fn next_retry_batch(aws: &AwsResources) -> Option<(serde_json::Value, usize)> {
+    loop {
         let messages = aws.drain(&aws.retry_queue).await;
         if messages.is_empty() {
             // A hand-off with a delay (a busy contact waits 2 s) is not received yet:
             // the queue is drained only when nothing is delayed either.
             if aws.delayed_messages(&aws.retry_queue).await == 0 {
-                return handled;
+                return None;
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
             continue;
         }
-        handled += messages.len();
+        let retries = messages
+            .iter()
+            .filter_map(|m| serde_json::from_str::<RetryMessage>(m.body()?).ok())
+            .filter(|message| !message.close_due)
+            .count();
         let records: Vec<serde_json::Value> = messages
             .iter()
             .map(|m| serde_json::json!({"messageId": m.message_id(), "body": m.body(), "eventSource": "aws:sqs"}))
             .collect();
-        let answer = shared::handlers::contact_created(
-            lifecycle,
-            serde_json::json!({"Records": records}),
-            deadline(30),
-        )
-        .await
-        .expect("retry batch handled");
+        return Some((serde_json::json!({"Records": records}), retries));
+    }
+}
+
+/// Feeds the retry queue's messages to contact-created until it stays empty; how
+/// many were retries.
+pub async fn drain_retries(lifecycle: &shared::lifecycle::Lifecycle, aws: &AwsResources) -> usize {
+    let mut handled = 0;
+    for _ in 0..100 {
+        let Some((batch, retries)) = next_retry_batch(aws).await else {
+            return handled;
+        };
+        handled += retries;
+        let answer = shared::handlers::contact_created(lifecycle, batch, deadline(30))
+            .await
+            .expect("retry batch handled");
         assert_eq!(
             answer["batchItemFailures"],
             serde_json::json!([]),

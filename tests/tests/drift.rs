@@ -173,6 +173,8 @@ async fn a_write_refused_after_the_reopen_leaves_the_record_closed() {
     for (kind, event) in events {
         deliver(&lifecycle, *kind, event.clone()).await;
     }
+    // No file within the grace: the delayed close closes the record alone.
+    drain_retries(&lifecycle, &aws).await;
     assert_eq!(phonecalls(&emulator)[0]["statecode"], 1, "closed");
     // The late recording: the reopen passes, the write after it is refused.
     emulator.push_fault(Fault::Delay(Duration::ZERO));

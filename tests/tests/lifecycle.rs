@@ -551,3 +551,187 @@ async fn a_throttled_describe_user_defers_the_update_until_connect_answers() {
     assert_eq!(record["statecode"], 1, "closed once everything was written");
     assert!(aws.dead_letters().await.is_empty());
 }
+
+/// A voice contact's events (flow, `INITIATED` a few seconds before the flow ran,
+/// answered, ended, the call recording) for a fresh contact id.
+fn voice_contact(aws: &AwsResources) -> (String, Vec<(Kind, Value)>) {
+    let contact = uuid::Uuid::new_v4().to_string();
+    let event = |name: &str| e2e::contact::retarget(fixture(name), &contact, &aws.bucket);
+    let mut initiated = event("connect-contact-event-initiated.constructed.json");
+    let started = time::OffsetDateTime::now_utc() - time::Duration::seconds(5);
+    let started = started
+        .replace_nanosecond(0)
+        .expect("zero is a valid nanosecond")
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("a time formats");
+    initiated["detail"]["initiationTimestamp"] = json!(started);
+    let events = vec![
+        (Kind::Flow, event("connect-flow-event.json")),
+        (Kind::Initiated, initiated),
+        (
+            Kind::Answered,
+            event("connect-contact-event-connected-to-agent.json"),
+        ),
+        (
+            Kind::Ended,
+            event("connect-contact-event-disconnected.json"),
+        ),
+        (
+            Kind::Recording,
+            event("s3-object-created-connect-recording.constructed.json"),
+        ),
+    ];
+    (started, events)
+}
+
+fn dataverse_writes(emulator: &dataverse_emulator::Emulator) -> Vec<String> {
+    emulator
+        .requests()
+        .into_iter()
+        .filter(|r| r.target.contains("/api/data/"))
+        .map(|r| format!("{} {} {}", r.method, r.target, r.body))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_voice_contact_with_its_recording_costs_four_dataverse_requests() {
+    let emulator = emulator().await;
+    let aws = AwsResources::create().await;
+    // A grace no test waits for: the recording comes within it.
+    let lifecycle = lifecycle(&emulator, &aws, "contact:\n  close_grace_seconds: 600\n");
+    let (started, events) = voice_contact(&aws);
+    for (kind, event) in events {
+        deliver(&lifecycle, kind, event).await;
+    }
+    let requests = dataverse_writes(&emulator);
+    assert_eq!(requests.len(), 4, "{requests:#?}");
+    assert!(
+        requests.iter().all(|r| r.starts_with("PATCH")),
+        "{requests:#?}"
+    );
+    let record = &phonecalls(&emulator)[0];
+    // The start time rode on the answered write, the close on the recording's.
+    assert_eq!(record["actualstart"], json!(started));
+    assert_eq!(
+        (&record["statecode"], &record["statuscode"]),
+        (&json!(1), &json!(4))
+    );
+    let description = record["description"].as_str().unwrap_or_default();
+    assert!(description.contains("Call recording:"), "{description}");
+    assert!(requests[3].contains("statecode") && requests[3].contains("Call recording:"));
+    assert!(
+        !requests[2].contains("statecode"),
+        "the ended write holds the close"
+    );
+    // The delayed close is queued, and finds nothing to do when it comes.
+    assert_eq!(aws.delayed_messages(&aws.retry_queue).await, 1);
+    assert!(aws.dead_letters().await.is_empty());
+}
+
+#[tokio::test]
+async fn without_a_file_the_record_closes_alone_when_the_grace_ends() {
+    let emulator = emulator().await;
+    let aws = AwsResources::create().await;
+    let lifecycle = lifecycle(&emulator, &aws, "");
+    let (_, events) = voice_contact(&aws);
+    for (kind, event) in events.into_iter().take(4) {
+        deliver(&lifecycle, kind, event).await;
+    }
+    assert_eq!(
+        phonecalls(&emulator)[0]["statecode"],
+        0,
+        "open during the grace"
+    );
+    assert_eq!(drain_retries(&lifecycle, &aws).await, 0, "no retries");
+    let record = &phonecalls(&emulator)[0];
+    assert_eq!(
+        (&record["statecode"], &record["statuscode"]),
+        (&json!(1), &json!(4))
+    );
+    let requests = dataverse_writes(&emulator);
+    assert_eq!(
+        requests.len(),
+        4,
+        "create, answered, ended, close: {requests:#?}"
+    );
+    assert!(requests[3].contains("statecode"), "{requests:#?}");
+}
+
+#[tokio::test]
+async fn a_file_after_the_grace_reopens_and_closes_the_record_again() {
+    let emulator = emulator().await;
+    let aws = AwsResources::create().await;
+    let lifecycle = lifecycle(&emulator, &aws, "");
+    let (_, mut events) = voice_contact(&aws);
+    let recording = events.pop().expect("the recording event");
+    for (kind, event) in events {
+        deliver(&lifecycle, kind, event).await;
+    }
+    drain_retries(&lifecycle, &aws).await;
+    assert_eq!(phonecalls(&emulator)[0]["statecode"], 1);
+    deliver(&lifecycle, recording.0, recording.1).await;
+    let record = &phonecalls(&emulator)[0];
+    assert_eq!(
+        (&record["statecode"], &record["statuscode"]),
+        (&json!(1), &json!(4))
+    );
+    let description = record["description"].as_str().unwrap_or_default();
+    assert!(description.contains("Call recording:"), "{description}");
+    assert!(aws.dead_letters().await.is_empty());
+}
+
+#[tokio::test]
+async fn a_call_no_agent_took_is_closed_at_once() {
+    let emulator = emulator().await;
+    let aws = AwsResources::create().await;
+    let lifecycle = lifecycle(&emulator, &aws, "contact:\n  close_grace_seconds: 600\n");
+    let (_, events) = voice_contact(&aws);
+    let (_, flow) = events[0].clone();
+    let (_, mut ended) = events[3].clone();
+    ended["detail"]
+        .as_object_mut()
+        .expect("an event detail")
+        .remove("agentInfo");
+    deliver(&lifecycle, Kind::Flow, flow).await;
+    deliver(&lifecycle, Kind::Ended, ended).await;
+    assert_eq!(
+        phonecalls(&emulator)[0]["statecode"],
+        1,
+        "no agent, no recording to wait for"
+    );
+    assert_eq!(aws.delayed_messages(&aws.retry_queue).await, 0);
+    assert_eq!(dataverse_writes(&emulator).len(), 2);
+}
+
+#[tokio::test]
+async fn a_late_start_time_close_to_the_flows_costs_no_request_of_its_own() {
+    let emulator = emulator().await;
+    let aws = AwsResources::create().await;
+    let lifecycle = lifecycle(&emulator, &aws, "");
+    let (_, events) = voice_contact(&aws);
+    let (_, initiated) = events[1].clone();
+    for index in [0, 2, 3] {
+        let (kind, event) = events[index].clone();
+        deliver(&lifecycle, kind, event).await;
+    }
+    drain_retries(&lifecycle, &aws).await;
+    let before = dataverse_writes(&emulator).len();
+    let record_before = phonecalls(&emulator);
+    // After the close, a correction of seconds would cost a reopen, a write and a close.
+    deliver(&lifecycle, Kind::Initiated, initiated).await;
+    assert_eq!(dataverse_writes(&emulator).len(), before);
+    assert_eq!(phonecalls(&emulator), record_before);
+
+    // Beyond the tolerance (the fixture's own start, long before the flow ran), it is written.
+    let (_, events) = voice_contact(&aws);
+    let contact = events[0].1["Details"]["ContactData"]["ContactId"].clone();
+    let far = e2e::contact::retarget(
+        fixture("connect-contact-event-initiated.constructed.json"),
+        contact.as_str().unwrap_or_default(),
+        &aws.bucket,
+    );
+    deliver(&lifecycle, Kind::Flow, events[0].1.clone()).await;
+    let before = dataverse_writes(&emulator).len();
+    deliver(&lifecycle, Kind::Initiated, far).await;
+    assert_eq!(dataverse_writes(&emulator).len(), before + 1);
+}

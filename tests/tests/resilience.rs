@@ -5,12 +5,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dataverse_emulator::{Emulator, Faults};
-use e2e::contact::{Scenario, deliver, handle, notes, phonecalls, scenario};
+use e2e::contact::{Kind, Scenario, deliver, handle, notes, phonecalls, scenario};
 use e2e::crash_proxy::CrashProxy;
 use e2e::{
     AwsResources, aws_endpoint, deadline, drain_retries, emulator, lifecycle, lifecycle_via,
+    next_retry_batch,
 };
 use serde_json::{Map, Value};
+use shared::lifecycle::Lifecycle;
 
 /// The invocation time given to each event here: a crashed invocation's contact
 /// lock then runs out after 10 s (its remaining time, at least 5 s, plus 5 s).
@@ -61,35 +63,44 @@ async fn run_contact(crash_after: Option<usize>) -> Run {
     let container = || Arc::new(lifecycle_via(&emulator, proxy.url(), &via, ""));
     let mut lifecycle = container();
     let mut crashed = false;
-    for (kind, event) in scenario.events.clone() {
-        loop {
-            let invocation = {
-                let lifecycle = lifecycle.clone();
-                let event = event.clone();
-                tokio::spawn(async move {
-                    handle(&lifecycle, kind, event, deadline(INVOCATION_SECONDS)).await
-                })
-            };
-            tokio::pin!(invocation);
-            tokio::select! {
-                finished = &mut invocation => {
-                    match finished.expect("the handler does not panic") {
-                        Ok(_) => break,
-                        // The trigger delivers a failed event again.
-                        Err(error) => eprintln!("{kind:?} redelivered after: {error}"),
+    let mut invocations: Vec<Invocation> = scenario
+        .events
+        .iter()
+        .map(|(kind, event)| Invocation::Event(*kind, event.clone()))
+        .collect();
+    loop {
+        for invocation in invocations.drain(..) {
+            // Until it succeeds: the trigger delivers a failed or killed invocation again.
+            loop {
+                let running = {
+                    let lifecycle = lifecycle.clone();
+                    let invocation = invocation.clone();
+                    tokio::spawn(async move { invocation.run(&lifecycle).await })
+                };
+                tokio::pin!(running);
+                tokio::select! {
+                    finished = &mut running => {
+                        match finished.expect("the handler does not panic") {
+                            Ok(()) => break,
+                            Err(error) => eprintln!("redelivered after: {error}"),
+                        }
                     }
-                }
-                () = proxy.crashed(), if !crashed => {
-                    invocation.abort();
-                    crashed = true;
-                    tokio::time::sleep(LOCK_RUNS_OUT).await;
-                    lifecycle = container();
+                    () = proxy.crashed(), if !crashed => {
+                        running.abort();
+                        crashed = true;
+                        tokio::time::sleep(LOCK_RUNS_OUT).await;
+                        lifecycle = container();
+                    }
                 }
             }
         }
+        // Then the retry queue (delayed closes among it), read directly: its reads
+        // are the trigger's, not the function's.
+        match next_retry_batch(&aws).await {
+            Some((batch, _)) => invocations.push(Invocation::RetryBatch(batch)),
+            None => break,
+        }
     }
-    // The retry queue is read directly: its reads are the trigger's, not the function's.
-    drain_retries(&container(), &aws).await;
     let (records, notes) = normalised(&emulator, &scenario, &aws.bucket);
     Run {
         records,
@@ -98,6 +109,43 @@ async fn run_contact(crash_after: Option<usize>) -> Run {
         labels: proxy.labels(),
         crashed,
         dead_letters: aws.dead_letters().await.len(),
+    }
+}
+
+/// What a trigger hands a function: one event, or a batch of the retry queue.
+#[derive(Clone)]
+enum Invocation {
+    Event(Kind, Value),
+    RetryBatch(Value),
+}
+
+impl Invocation {
+    async fn run(&self, lifecycle: &Lifecycle) -> Result<(), String> {
+        match self {
+            Self::Event(kind, event) => handle(
+                lifecycle,
+                *kind,
+                event.clone(),
+                deadline(INVOCATION_SECONDS),
+            )
+            .await
+            .map(drop)
+            .map_err(|e| format!("{kind:?}: {e}")),
+            Self::RetryBatch(batch) => {
+                let answer = shared::handlers::contact_created(
+                    lifecycle,
+                    batch.clone(),
+                    deadline(INVOCATION_SECONDS),
+                )
+                .await
+                .map_err(|e| format!("retry batch: {e}"))?;
+                // A partial failure: the queue delivers the batch's failures again (all of it here).
+                match answer["batchItemFailures"].as_array() {
+                    Some(failures) if !failures.is_empty() => Err(format!("retry batch: {answer}")),
+                    _ => Ok(()),
+                }
+            }
+        }
     }
 }
 

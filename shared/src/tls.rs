@@ -1,0 +1,136 @@
+//! The certificate roots every HTTPS client of a container trusts, chosen once.
+//!
+//! By default the roots are Mozilla's, compiled into the binary
+//! (`webpki-root-certs`): nothing is read from disk at start-up, and the
+//! Dataverse client and the AWS SDK trust the same set. Loading the platform's
+//! store instead reads and parses every certificate file under `/etc/ssl` once per
+//! client, most of a cold start's CPU. `CONNECT_DYNAMICS_TLS_ROOTS=platform`
+//! switches both clients to the platform's store, for an environment that adds
+//! its own CA (a TLS-inspecting proxy, a private endpoint).
+
+use std::sync::Arc;
+
+use aws_smithy_http_client::tls::{self, TlsContext, TrustStore, rustls_provider::CryptoMode};
+use aws_smithy_runtime_api::client::http::SharedHttpClient;
+use base64::Engine;
+
+/// The environment variable that selects the roots: `built-in` (default) or `platform`.
+pub const TLS_ROOTS_VAR: &str = "CONNECT_DYNAMICS_TLS_ROOTS";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{TLS_ROOTS_VAR} is {0:?}: expected `built-in` or `platform`")]
+    UnknownRoots(String),
+    #[error("the TLS configuration was refused: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("the AWS SDK refused the TLS configuration: {0}")]
+    Aws(#[from] aws_smithy_http_client::HttpClientError),
+}
+
+/// Which roots a container trusts, built once and shared by its HTTPS clients.
+#[derive(Clone, Debug)]
+pub enum TlsRoots {
+    /// Mozilla's roots compiled in: the rustls configuration for the Dataverse
+    /// client, and the same certificates for the AWS SDK.
+    BuiltIn(Arc<rustls::ClientConfig>),
+    /// The operating system's store, loaded by each client.
+    Platform,
+}
+
+impl TlsRoots {
+    /// From `CONNECT_DYNAMICS_TLS_ROOTS`, built-in when it is unset.
+    pub fn from_env() -> Result<Self, TlsError> {
+        match std::env::var(TLS_ROOTS_VAR).ok().as_deref().map(str::trim) {
+            None | Some("" | "built-in") => Self::built_in(),
+            Some("platform") => Ok(Self::Platform),
+            Some(other) => Err(TlsError::UnknownRoots(other.to_owned())),
+        }
+    }
+
+    pub fn built_in() -> Result<Self, TlsError> {
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(built_in_roots())
+        .with_no_client_auth();
+        Ok(Self::BuiltIn(Arc::new(config)))
+    }
+
+    /// A `reqwest` builder that trusts these roots.
+    pub fn apply(&self, builder: reqwest::ClientBuilder) -> reqwest::ClientBuilder {
+        match self {
+            Self::BuiltIn(config) => builder.tls_backend_preconfigured(config.as_ref().clone()),
+            Self::Platform => builder,
+        }
+    }
+
+    /// The AWS SDK's HTTPS client (hyper and rustls with aws-lc, as the SDK's own
+    /// default) trusting these roots. The SDK loads them when it opens its first
+    /// connection, so none of this runs before the first event needs AWS.
+    pub fn aws_http_client(&self) -> Result<SharedHttpClient, TlsError> {
+        let trust_store = match self {
+            Self::BuiltIn(_) => webpki_root_certs::TLS_SERVER_ROOT_CERTS.iter().fold(
+                TrustStore::empty().with_native_roots(false),
+                |store, certificate| store.with_pem_certificate(pem(certificate)),
+            ),
+            Self::Platform => TrustStore::default(),
+        };
+        let context = TlsContext::builder()
+            .with_trust_store(trust_store)
+            .build()?;
+        Ok(aws_smithy_http_client::Builder::new()
+            .tls_provider(tls::Provider::Rustls(CryptoMode::AwsLc))
+            .tls_context(context)
+            .build_https())
+    }
+}
+
+fn built_in_roots() -> rustls::RootCertStore {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(webpki_root_certs::TLS_SERVER_ROOT_CERTS.iter().cloned());
+    roots
+}
+
+/// The SDK takes extra roots as PEM only.
+fn pem(certificate: &[u8]) -> Vec<u8> {
+    let encoded = base64::engine::general_purpose::STANDARD.encode(certificate);
+    let mut pem = String::with_capacity(encoded.len() + encoded.len() / 64 + 64);
+    pem.push_str("-----BEGIN CERTIFICATE-----\n");
+    // Char boundaries are byte boundaries: base64 is ASCII.
+    for line in encoded.as_bytes().chunks(64) {
+        pem.push_str(std::str::from_utf8(line).unwrap_or_default());
+        pem.push('\n');
+    }
+    pem.push_str("-----END CERTIFICATE-----\n");
+    pem.into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_built_in_root_is_trusted_by_both_clients() {
+        let count = webpki_root_certs::TLS_SERVER_ROOT_CERTS.len();
+        assert!(count > 100, "Mozilla's store has well over 100 roots");
+        // The reqwest side: every certificate became a trust anchor.
+        assert_eq!(built_in_roots().len(), count);
+        // The SDK side: every PEM decodes back to the same certificate.
+        for certificate in webpki_root_certs::TLS_SERVER_ROOT_CERTS {
+            use rustls::pki_types::pem::PemObject;
+            let decoded = rustls::pki_types::CertificateDer::from_pem_slice(&pem(certificate))
+                .expect("valid PEM");
+            assert_eq!(decoded.as_ref(), certificate.as_ref());
+        }
+        TlsRoots::built_in()
+            .and_then(|roots| roots.aws_http_client())
+            .expect("the SDK takes the built-in roots");
+    }
+
+    #[test]
+    fn an_unknown_roots_setting_is_an_error_that_names_the_variable() {
+        let error = TlsError::UnknownRoots("system".into()).to_string();
+        assert!(error.contains(TLS_ROOTS_VAR) && error.contains("system"));
+    }
+}
