@@ -18,10 +18,12 @@ use std::time::{Duration, Instant};
 
 use dataverse_emulator::{Emulator, EmulatorOptions, Faults};
 use e2e::bench::{peak_rss_mib, write_json};
-use e2e::contact::{Kind, handle, retarget};
+use e2e::contact::{Kind, handle, initiated_before_the_flow, retarget};
 use e2e::crash_proxy::CrashProxy;
 use e2e::runtime_api::RuntimeApi;
-use e2e::{AwsResources, aws_endpoint, config_yaml_via, emulator, emulator_with, fixture};
+use e2e::{
+    AwsResources, aws_endpoint, config_yaml_via, emulator, emulator_with, fixture, next_retry_batch,
+};
 use serde_json::{Value, json};
 
 const FUNCTIONS: [&str; 6] = [
@@ -38,6 +40,13 @@ const WEBHOOK_KEY: &str = "bench-webhook-key";
 const AGENT_INSTANCE: &str = "c714775e-f05f-4186-ad82-fe2ec415473e";
 const AGENT: &str = "72df775f-4bad-4e6a-a431-df2e1440a45c";
 const CALLER: &str = "+447700900123";
+/// The close's wait for a recording here: longer than the recording takes to follow
+/// the end in this run, short enough to wait for the delayed closes.
+const CLOSE_GRACE_SECONDS: u64 = 2;
+/// The `lambda_runtime` floor the cold starts are compared with.
+const HELLO: &str = "hello-lambda";
+/// Cold starts per function; the median is reported.
+const COLD_RUNS: usize = 3;
 
 fn release_binary(name: &str) -> PathBuf {
     let target = std::env::var("CARGO_TARGET_DIR")
@@ -128,7 +137,7 @@ async fn function_env(
     extra_yaml: &str,
 ) -> Vec<(String, String)> {
     let yaml = format!(
-        "{}contact:\n  owner_from_agent: internalemailaddress\nwebhook:\n  key: {{ env: {WEBHOOK_VAR} }}\n{extra_yaml}",
+        "{}contact:\n  owner_from_agent: internalemailaddress\n  close_grace_seconds: {CLOSE_GRACE_SECONDS}\nwebhook:\n  key: {{ env: {WEBHOOK_VAR} }}\n{extra_yaml}",
         config_yaml_via(emulator, dynamics)
     );
     let path = std::env::temp_dir().join(format!("bench-config-{}.yaml", uuid::Uuid::new_v4()));
@@ -156,15 +165,19 @@ async fn function_env(
     .collect()
 }
 
-/// The events of one contact for each lifecycle function, with a fresh contact id.
+/// A voice contact's events, each with the function it goes to, for a fresh contact
+/// id: the flow, `INITIATED` (started seconds before the flow ran), answered,
+/// ended, and its call recording.
 fn contact_events(bucket: &str) -> Vec<(&'static str, Kind, Value)> {
     let contact = uuid::Uuid::new_v4().to_string();
+    let (initiated, _) = initiated_before_the_flow(&contact, bucket);
     vec![
         (
             "contact-created",
             Kind::Flow,
             retarget(fixture("connect-flow-event.json"), &contact, bucket),
         ),
+        ("contact-created", Kind::Initiated, initiated),
         (
             "contact-answered",
             Kind::Answered,
@@ -193,6 +206,64 @@ fn contact_events(bucket: &str) -> Vec<(&'static str, Kind, Value)> {
             ),
         ),
     ]
+}
+
+/// A chat's events for a fresh contact id: the chat flow, answered, ended, and its
+/// transcript (put in S3 first, as Amazon Connect writes it).
+async fn chat_events(aws: &AwsResources) -> Vec<(&'static str, Kind, Value)> {
+    let contact = uuid::Uuid::new_v4().to_string();
+    let chat = |event: Value| {
+        serde_json::from_str(&event.to_string().replace("\"VOICE\"", "\"CHAT\""))
+            .expect("the event stays JSON")
+    };
+    let flow = retarget(
+        fixture("connect-flow-event-chat.json"),
+        &contact,
+        &aws.bucket,
+    );
+    let transcript = retarget(fixture("s3-object-created.json"), &contact, &aws.bucket);
+    let key = transcript["detail"]["object"]["key"]
+        .as_str()
+        .unwrap_or_default();
+    aws.s3
+        .put_object()
+        .bucket(&aws.bucket)
+        .key(key)
+        .body(
+            json!({"Transcript": [{"Content": "Hello", "ParticipantRole": "CUSTOMER", "DisplayName": "Nadia"}]})
+                .to_string()
+                .into_bytes()
+                .into(),
+        )
+        .send()
+        .await
+        .expect("the transcript is stored");
+    let event = |name: &str| chat(retarget(fixture(name), &contact, &aws.bucket));
+    vec![
+        ("contact-created", Kind::Flow, flow),
+        (
+            "contact-answered",
+            Kind::Answered,
+            event("connect-contact-event-connected-to-agent.json"),
+        ),
+        (
+            "contact-ended",
+            Kind::Ended,
+            event("connect-contact-event-disconnected.json"),
+        ),
+        ("recording-available", Kind::Recording, transcript),
+    ]
+}
+
+/// Runs the retry queue's messages (the delayed closes the ended step schedules,
+/// due after the grace) through contact-created, as the queue's trigger would.
+async fn run_delayed_closes(process: &Process, aws: &AwsResources) -> usize {
+    let mut messages = 0;
+    while let Some((batch, _)) = next_retry_batch(aws).await {
+        messages += batch["Records"].as_array().map_or(0, Vec::len);
+        process.invoke(batch).await;
+    }
+    messages
 }
 
 fn webhook_event(id: uuid::Uuid) -> Value {
@@ -241,6 +312,34 @@ fn by_service(labels: &[String]) -> BTreeMap<&'static str, usize> {
     counts
 }
 
+fn median(samples: &[f64]) -> f64 {
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Requests by service per lifecycle, for contacts given as their events (the
+/// delayed closes included).
+async fn requests_per_lifecycle(
+    processes: &BTreeMap<&'static str, Process>,
+    proxy: &CrashProxy,
+    aws: &AwsResources,
+    lifecycles: Vec<Vec<(&'static str, Kind, Value)>>,
+) -> BTreeMap<&'static str, f64> {
+    let count = lifecycles.len().max(1) as f64;
+    let before = proxy.labels().len();
+    for events in lifecycles {
+        for (name, _, event) in events {
+            processes[name].invoke(event).await;
+        }
+    }
+    run_delayed_closes(&processes["contact-created"], aws).await;
+    by_service(&proxy.labels()[before..])
+        .into_iter()
+        .map(|(service, requests)| (service, requests as f64 / count))
+        .collect()
+}
+
 #[tokio::main]
 async fn main() {
     let contacts: usize = std::env::args()
@@ -270,44 +369,74 @@ async fn main() {
     );
 
     // ---------------------------------------------------------- cold starts
-    println!("\n## Cold start (release binaries, Runtime API stand-in)\n");
     println!(
-        "| function | binary size | to first `next` | to first event answered | peak RSS after it |"
+        "\n## Cold start (release binaries, Runtime API stand-in, median of {COLD_RUNS} starts)\n"
     );
-    println!("|---|---|---|---|---|");
-    let first_contact = contact_events(&aws.bucket);
+    println!(
+        "| function | binary size | to first `next` | x hello-world | to first event answered | x hello-world | peak RSS after it |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    let mut to_poll: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    let mut to_answer: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    let mut rss_after: BTreeMap<&str, f64> = BTreeMap::new();
     let mut processes: BTreeMap<&'static str, Process> = BTreeMap::new();
-    let mut cold = Vec::new();
-    for name in FUNCTIONS {
-        let process = spawn(name, &env).await;
-        let event = match name {
-            "sync-sweep" => scheduled_event(),
-            "record-saved" => webhook_event(customer),
-            _ => first_contact
-                .iter()
-                .find(|(function, _, _)| *function == name)
-                .map(|(_, _, event)| event.clone())
-                .expect("an event per lifecycle function"),
-        };
-        // Wait for the first poll without handing the event over yet.
-        while process.runtime.first_poll().is_none() {
-            tokio::time::sleep(Duration::from_micros(200)).await;
+    for _ in 0..COLD_RUNS {
+        let contact = contact_events(&aws.bucket);
+        for name in std::iter::once(HELLO).chain(FUNCTIONS) {
+            let process = spawn(name, &env).await;
+            let event = match name {
+                HELLO => json!({"hello": "world"}),
+                "sync-sweep" => scheduled_event(),
+                "record-saved" => webhook_event(customer),
+                _ => contact
+                    .iter()
+                    .find(|(function, _, _)| *function == name)
+                    .map(|(_, _, event)| event.clone())
+                    .expect("an event per lifecycle function"),
+            };
+            // Wait for the first poll without handing the event over yet.
+            while process.runtime.first_poll().is_none() {
+                tokio::time::sleep(Duration::from_micros(200)).await;
+            }
+            let polled = process.runtime.first_poll().unwrap() - process.started;
+            process.invoke(event).await;
+            let answered = process.started.elapsed();
+            to_poll
+                .entry(name)
+                .or_default()
+                .push(polled.as_secs_f64() * 1000.0);
+            to_answer
+                .entry(name)
+                .or_default()
+                .push(answered.as_secs_f64() * 1000.0);
+            rss_after.insert(name, peak_rss_mib(process.pid()));
+            // The last start of each function stays for the warm runs.
+            if let Some(mut earlier) = processes.insert(name, process) {
+                let _ = earlier.child.kill();
+            }
         }
-        let polled = process.runtime.first_poll().unwrap() - process.started;
-        process.invoke(event).await;
-        let answered = process.started.elapsed();
+    }
+    let hello_poll = median(&to_poll[HELLO]);
+    let hello_answer = median(&to_answer[HELLO]);
+    let mut cold = Vec::new();
+    for name in std::iter::once(HELLO).chain(FUNCTIONS) {
         let size = std::fs::metadata(release_binary(name)).map_or(0, |m| m.len());
-        let rss = peak_rss_mib(process.pid());
+        let (poll, answer) = (median(&to_poll[name]), median(&to_answer[name]));
+        let rss = rss_after[name];
         println!(
-            "| {name} | {:.1} MB | {:.1} ms | {:.1} ms | {rss:.1} MiB |",
+            "| {name} | {:.1} MB | {poll:.1} ms | {:.2} | {answer:.1} ms | {:.2} | {rss:.1} MiB |",
             size as f64 / 1e6,
-            polled.as_secs_f64() * 1000.0,
-            answered.as_secs_f64() * 1000.0
+            poll / hello_poll,
+            answer / hello_answer,
         );
-        cold.push(json!({"function": name, "binary_bytes": size, "to_first_next_ms": polled.as_secs_f64() * 1000.0, "to_first_answer_ms": answered.as_secs_f64() * 1000.0, "peak_rss_mib": rss}));
-        processes.insert(name, process);
+        cold.push(json!({"function": name, "binary_bytes": size, "to_first_next_ms": to_poll[name], "to_first_answer_ms": to_answer[name], "to_first_next_ratio": poll / hello_poll, "to_first_answer_ratio": answer / hello_answer, "peak_rss_mib": rss}));
     }
     json_out.insert("cold_start".into(), Value::Array(cold));
+    if let Some(mut hello) = processes.remove(HELLO) {
+        let _ = hello.child.kill();
+    }
+    // The cold contacts' delayed closes, before the warm counts start.
+    run_delayed_closes(&processes["contact-created"], &aws).await;
 
     // ---------------------------------------------------------- warm: CPU and round trips
     let cpu_before: BTreeMap<&str, f64> = processes
@@ -329,6 +458,8 @@ async fn main() {
             }
         }
     }
+    // The delayed closes (nothing left to close: each recording's write closed its record).
+    let delayed_closes = run_delayed_closes(&processes["contact-created"], &aws).await;
     let lifecycle_labels: Vec<String> = proxy.labels()[labels_before..].to_vec();
     let lifecycle_dataverse = emulator.requests().len() - dataverse_before;
     let lifecycle_tokens = emulator.token_requests() - tokens_before;
@@ -371,19 +502,62 @@ async fn main() {
     }
     json_out.insert("warm".into(), Value::Array(warm));
 
+    // The other kinds of contact, fewer of each.
+    let others = 20.min(contacts);
+    let mut unrecorded = Vec::new();
+    let mut chats = Vec::new();
+    for _ in 0..others {
+        let mut voice = contact_events(&aws.bucket);
+        voice.pop();
+        unrecorded.push(voice);
+        chats.push(chat_events(&aws).await);
+    }
+    let kinds = [
+        (
+            format!("voice + recording ({contacts})"),
+            by_service(&lifecycle_labels)
+                .into_iter()
+                .map(|(service, count)| (service, count as f64 / contacts as f64))
+                .collect(),
+        ),
+        (
+            format!("voice, no recording ({others})"),
+            requests_per_lifecycle(&processes, &proxy, &aws, unrecorded).await,
+        ),
+        (
+            format!("chat + transcript ({others})"),
+            requests_per_lifecycle(&processes, &proxy, &aws, chats).await,
+        ),
+    ];
     println!(
-        "\n## Round trips per contact lifecycle (warm, caller matched, owner mapped; {contacts} contacts)\n"
+        "\n## Round trips per contact lifecycle (warm, caller matched, owner mapped; close grace {CLOSE_GRACE_SECONDS} s)\n"
     );
-    println!("| service | requests per lifecycle |");
-    println!("|---|---|");
+    let services: std::collections::BTreeSet<&str> = kinds
+        .iter()
+        .flat_map(|(_, counts): &(String, BTreeMap<&str, f64>)| counts.keys().copied())
+        .collect();
+    println!(
+        "| service | {} |",
+        kinds
+            .iter()
+            .map(|(kind, _)| kind.as_str())
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    println!("|---|{}", "---|".repeat(kinds.len()));
     let mut trips = serde_json::Map::new();
-    for (service, count) in by_service(&lifecycle_labels) {
-        let per = count as f64 / contacts as f64;
-        println!("| {service} | {per:.2} |");
-        trips.insert(service.into(), json!(per));
+    for service in services {
+        let row: Vec<String> = kinds
+            .iter()
+            .map(|(_, counts)| format!("{:.2}", counts.get(service).copied().unwrap_or(0.0)))
+            .collect();
+        println!("| {service} | {} |", row.join(" | "));
+    }
+    for (kind, counts) in &kinds {
+        trips.insert(kind.clone(), json!(counts));
     }
     println!(
-        "(Dataverse as logged by the emulator: {:.2}; token requests: {lifecycle_tokens} in all)",
+        "(voice + recording: Dataverse as logged by the emulator {:.2}; token requests {lifecycle_tokens} in all; {delayed_closes} delayed closes run)",
         lifecycle_dataverse as f64 / contacts as f64
     );
 
@@ -392,9 +566,21 @@ async fn main() {
     println!("| function | request |");
     println!("|---|---|");
     let mut one = Vec::new();
-    for (name, _, event) in contact_events(&aws.bucket) {
+    let mut steps: Vec<(&str, Option<Value>)> = contact_events(&aws.bucket)
+        .into_iter()
+        .map(|(name, _, event)| (name, Some(event)))
+        .collect();
+    steps.push(("contact-created (the delayed close)", None));
+    for (name, event) in steps {
         let before = proxy.labels().len();
-        processes[name].invoke(event).await;
+        match event {
+            Some(event) => {
+                processes[name].invoke(event).await;
+            }
+            None => {
+                run_delayed_closes(&processes["contact-created"], &aws).await;
+            }
+        }
         for label in &proxy.labels()[before..] {
             let request = without_query(label);
             println!("| {name} | `{request}` |");

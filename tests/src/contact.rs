@@ -42,6 +42,24 @@ pub fn retarget(event: Value, contact_id: &str, bucket: &str) -> Value {
     serde_json::from_str(&text).unwrap()
 }
 
+/// The `INITIATED` event of `contact_id`, started a few seconds before its flow runs
+/// (now), as in Amazon Connect; its start time, as Dataverse stores it.
+pub fn initiated_before_the_flow(contact_id: &str, bucket: &str) -> (Value, String) {
+    let mut initiated = retarget(
+        fixture("connect-contact-event-initiated.constructed.json"),
+        contact_id,
+        bucket,
+    );
+    let started = time::OffsetDateTime::now_utc() - time::Duration::seconds(5);
+    let started = started
+        .replace_nanosecond(0)
+        .unwrap_or(started)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    initiated["detail"]["initiationTimestamp"] = json!(started);
+    (initiated, started)
+}
+
 pub async fn scenario(aws: &AwsResources) -> Scenario {
     let contact_id = uuid::Uuid::new_v4().to_string();
     let recording = retarget(fixture("s3-object-created.json"), &contact_id, &aws.bucket);

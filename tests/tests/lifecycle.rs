@@ -557,14 +557,7 @@ async fn a_throttled_describe_user_defers_the_update_until_connect_answers() {
 fn voice_contact(aws: &AwsResources) -> (String, Vec<(Kind, Value)>) {
     let contact = uuid::Uuid::new_v4().to_string();
     let event = |name: &str| e2e::contact::retarget(fixture(name), &contact, &aws.bucket);
-    let mut initiated = event("connect-contact-event-initiated.constructed.json");
-    let started = time::OffsetDateTime::now_utc() - time::Duration::seconds(5);
-    let started = started
-        .replace_nanosecond(0)
-        .expect("zero is a valid nanosecond")
-        .format(&time::format_description::well_known::Rfc3339)
-        .expect("a time formats");
-    initiated["detail"]["initiationTimestamp"] = json!(started);
+    let (initiated, started) = e2e::contact::initiated_before_the_flow(&contact, &aws.bucket);
     let events = vec![
         (Kind::Flow, event("connect-flow-event.json")),
         (Kind::Initiated, initiated),
