@@ -566,7 +566,7 @@ async fn certificate_credentials_sign_a_client_assertion() {
     let x5t = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(hex_bytes(THUMBPRINT));
     let emulator = e2e::emulator_with(dataverse_emulator::EmulatorOptions {
         certificate: Some(dataverse_emulator::TrustedCertificate {
-            public_key_pem: include_str!("../fixtures/test-certificate-public.pem").into(),
+            public_key_pem: include_str!("../../fixtures/test-certificate-public.pem").into(),
             x5t,
         }),
         ..Default::default()
@@ -582,7 +582,7 @@ async fn certificate_credentials_sign_a_client_assertion() {
     )
     .unwrap();
     let authenticator = shared::auth::Authenticator::new(http, &config.dynamics, None).with_secret(
-        shared::secret::Secret::new(include_str!("../fixtures/test-certificate-key.pem")),
+        shared::secret::Secret::new(include_str!("../../fixtures/test-certificate-key.pem")),
     );
     let token = authenticator.request_token().await.unwrap();
     assert!(token.expires_at > 0);
@@ -596,7 +596,7 @@ async fn certificate_credentials_sign_a_client_assertion() {
     )
     .unwrap();
     let authenticator = shared::auth::Authenticator::new(http, &config.dynamics, None).with_secret(
-        shared::secret::Secret::new(include_str!("../fixtures/test-certificate-key.pem")),
+        shared::secret::Secret::new(include_str!("../../fixtures/test-certificate-key.pem")),
     );
     let error = authenticator.request_token().await.unwrap_err();
     assert!(
