@@ -910,6 +910,22 @@ dynamics:
     }
 
     #[test]
+    fn the_close_grace_is_bounded_by_the_longest_sqs_delay() {
+        let config = Config::from_yaml(MINIMAL).unwrap();
+        assert_eq!(config.contact.close_grace, Duration::from_secs(300));
+        assert_eq!(config.contact.close_grace_channels, ["VOICE", "CHAT"]);
+        assert_eq!(config.contact.start_tolerance, Duration::from_secs(120));
+        let error = error_of(&format!("{MINIMAL}contact:\n  close_grace_seconds: 901\n"));
+        assert_eq!(error.path(), Some("contact.close_grace_seconds"), "{error}");
+        let config = Config::from_yaml(&format!(
+            "{MINIMAL}contact:\n  close_grace_seconds: 0\n  close_grace_channels: [voice]\n"
+        ))
+        .unwrap();
+        assert!(config.contact.close_grace.is_zero());
+        assert_eq!(config.contact.close_grace_channels, ["VOICE"]);
+    }
+
+    #[test]
     fn wrong_type_is_named() {
         let error = error_of(&format!("{MINIMAL}  max_attempts: many\n"));
         assert_eq!(error.path(), Some("dynamics.max_attempts"), "{error}");

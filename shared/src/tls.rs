@@ -11,7 +11,11 @@
 use std::sync::Arc;
 
 use aws_smithy_http_client::tls::{self, TlsContext, TrustStore, rustls_provider::CryptoMode};
-use aws_smithy_runtime_api::client::http::SharedHttpClient;
+use aws_smithy_runtime_api::client::connector_metadata::ConnectorMetadata;
+use aws_smithy_runtime_api::client::http::{
+    HttpClient, HttpConnectorSettings, SharedHttpClient, SharedHttpConnector,
+};
+use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
 use base64::Engine;
 
 /// The environment variable that selects the roots: `built-in` (default) or `platform`.
@@ -66,8 +70,7 @@ impl TlsRoots {
     }
 
     /// The AWS SDK's HTTPS client (hyper and rustls with aws-lc, as the SDK's own
-    /// default) trusting these roots. The SDK loads them when it opens its first
-    /// connection, so none of this runs before the first event needs AWS.
+    /// default) trusting these roots, its connector built once, for the first request.
     pub fn aws_http_client(&self) -> Result<SharedHttpClient, TlsError> {
         let trust_store = match self {
             Self::BuiltIn(_) => webpki_root_certs::TLS_SERVER_ROOT_CERTS.iter().fold(
@@ -79,10 +82,32 @@ impl TlsRoots {
         let context = TlsContext::builder()
             .with_trust_store(trust_store)
             .build()?;
-        Ok(aws_smithy_http_client::Builder::new()
+        let client = aws_smithy_http_client::Builder::new()
             .tls_provider(tls::Provider::Rustls(CryptoMode::AwsLc))
             .tls_context(context)
-            .build_https())
+            .build_https();
+        Ok(SharedHttpClient::new(BuiltOnFirstUse(client)))
+    }
+}
+
+/// The SDK's client without its start-up check, which makes each SDK client's
+/// constructor build a whole connector (every root decoded and parsed) and throw
+/// it away: six times per container. The connector is built once, for the first
+/// request, and the client caches it.
+#[derive(Debug)]
+struct BuiltOnFirstUse(SharedHttpClient);
+
+impl HttpClient for BuiltOnFirstUse {
+    fn http_connector(
+        &self,
+        settings: &HttpConnectorSettings,
+        components: &RuntimeComponents,
+    ) -> SharedHttpConnector {
+        self.0.http_connector(settings, components)
+    }
+
+    fn connector_metadata(&self) -> Option<ConnectorMetadata> {
+        self.0.connector_metadata()
     }
 }
 
