@@ -618,6 +618,12 @@ async fn a_voice_contact_with_its_recording_costs_four_dataverse_requests() {
     );
     // The delayed close is queued, and finds nothing to do when it comes.
     assert_eq!(aws.delayed_messages(&aws.retry_queue).await, 1);
+    println!(
+        "a voice contact with its recording, cold container: {} Dataverse, {} token, {} DynamoDB requests",
+        requests.len(),
+        emulator.token_requests(),
+        aws.dynamodb_requests.count()
+    );
     assert!(aws.dead_letters().await.is_empty());
 }
 
