@@ -44,7 +44,12 @@ pub enum TlsRoots {
 impl TlsRoots {
     /// From `CONNECT_DYNAMICS_TLS_ROOTS`, built-in when it is unset.
     pub fn from_env() -> Result<Self, TlsError> {
-        match std::env::var(TLS_ROOTS_VAR).ok().as_deref().map(str::trim) {
+        Self::named(std::env::var(TLS_ROOTS_VAR).ok().as_deref())
+    }
+
+    /// The roots a `CONNECT_DYNAMICS_TLS_ROOTS` value names.
+    fn named(setting: Option<&str>) -> Result<Self, TlsError> {
+        match setting.map(str::trim) {
             None | Some("" | "built-in") => Self::built_in(),
             Some("platform") => Ok(Self::Platform),
             Some(other) => Err(TlsError::UnknownRoots(other.to_owned())),
@@ -154,8 +159,21 @@ mod tests {
     }
 
     #[test]
-    fn an_unknown_roots_setting_is_an_error_that_names_the_variable() {
-        let error = TlsError::UnknownRoots("system".into()).to_string();
-        assert!(error.contains(TLS_ROOTS_VAR) && error.contains("system"));
+    fn the_setting_names_the_roots_and_an_unknown_one_is_refused_by_name() {
+        assert!(matches!(TlsRoots::named(None), Ok(TlsRoots::BuiltIn(_))));
+        assert!(matches!(
+            TlsRoots::named(Some(" built-in ")),
+            Ok(TlsRoots::BuiltIn(_))
+        ));
+        assert!(matches!(
+            TlsRoots::named(Some("platform")),
+            Ok(TlsRoots::Platform)
+        ));
+        let error = TlsRoots::named(Some("system")).expect_err("not a setting");
+        let error = error.to_string();
+        assert!(
+            error.contains(TLS_ROOTS_VAR) && error.contains("system"),
+            "{error}"
+        );
     }
 }
