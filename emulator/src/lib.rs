@@ -475,8 +475,21 @@ fn entra_error(status: StatusCode, error: &str, code: u32, description: &str) ->
 async fn describe_user(
     State(shared): State<Arc<Shared>>,
     Path((instance, user)): Path<(String, String)>,
+    headers: HeaderMap,
 ) -> Response {
     shared.describe_user_requests.fetch_add(1, Ordering::SeqCst);
+    if !signed_for_connect(&headers) {
+        let mut response = (
+            StatusCode::FORBIDDEN,
+            axum::Json(json!({ "message": "Missing Authentication Token" })),
+        )
+            .into_response();
+        response.headers_mut().insert(
+            "x-amzn-ErrorType",
+            HeaderValue::from_static("MissingAuthenticationTokenException"),
+        );
+        return response;
+    }
     let throttled = shared
         .describe_user_throttles
         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -512,6 +525,24 @@ async fn describe_user(
             .insert("x-amzn-ErrorType", HeaderValue::from_static(error_type));
     }
     response
+}
+
+/// AWS refuses a request without a SigV4 signature for the service: the emulator
+/// checks its shape (algorithm, a `connect` credential scope, the signed date), not
+/// the HMAC itself.
+fn signed_for_connect(headers: &HeaderMap) -> bool {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let Some(authorization) = header("authorization") else {
+        return false;
+    };
+    let scope_is_connect = authorization
+        .strip_prefix("AWS4-HMAC-SHA256 Credential=")
+        .and_then(|rest| rest.split(',').next())
+        .is_some_and(|credential| credential.ends_with("/connect/aws4_request"));
+    scope_is_connect
+        && authorization.contains("SignedHeaders=host;x-amz-date")
+        && authorization.contains("Signature=")
+        && header("x-amz-date").is_some()
 }
 
 async fn token(

@@ -16,9 +16,9 @@ use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use crate::config::OwnerColumn;
+use crate::connect_users::{ConnectError, ConnectUsers};
 use crate::dataverse::odata::{EntitySet, parse_guid, string_literal};
 use crate::dataverse::{DataverseClient, DataverseError, Query};
-use crate::store_error::StoreError;
 
 /// How long a found user (or Dynamics owner) is reused.
 const FOUND_FOR: Duration = Duration::from_secs(3600);
@@ -83,9 +83,7 @@ pub fn ids_from_agent_arn(arn: &str) -> Option<(Uuid, Uuid)> {
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error("Amazon Connect DescribeUser failed: {0}")]
-    Connect(StoreError),
-    #[error("Amazon Connect DescribeUser did not answer in time")]
-    Timeout,
+    Connect(#[source] ConnectError),
     #[error("finding the agent's Dynamics user failed: {0}")]
     Dataverse(#[from] DataverseError),
 }
@@ -94,7 +92,6 @@ impl AgentError {
     pub fn is_transient(&self) -> bool {
         match self {
             Self::Connect(error) => error.is_transient(),
-            Self::Timeout => true,
             Self::Dataverse(error) => error.is_transient(),
         }
     }
@@ -102,8 +99,7 @@ impl AgentError {
 
 /// Where user profiles come from.
 pub enum UserSource {
-    #[cfg(feature = "connect-agents")]
-    Connect(aws_sdk_connect::Client),
+    Connect(ConnectUsers),
     /// Users known up front (the local simulation): no lookup at all.
     Known(HashMap<Uuid, Profile>),
 }
@@ -189,7 +185,6 @@ impl AgentResolver {
         }))
     }
 
-    #[cfg_attr(not(feature = "connect-agents"), expect(unused_variables))]
     async fn profile(
         &self,
         instance: Uuid,
@@ -201,39 +196,15 @@ impl AgentResolver {
         }
         let profile = match &self.source {
             UserSource::Known(users) => users.get(&user).cloned(),
-            #[cfg(feature = "connect-agents")]
-            UserSource::Connect(client) => {
-                let call = client
-                    .describe_user()
-                    .instance_id(instance.to_string())
-                    .user_id(user.to_string())
-                    .send();
-                let answer = tokio::time::timeout_at(deadline.into(), call)
-                    .await
-                    .map_err(|_| AgentError::Timeout)?;
-                match answer {
-                    Ok(output) => output.user.map(|user| {
-                        let identity = user.identity_info;
-                        Profile {
-                            username: user.username,
-                            email: identity
-                                .as_ref()
-                                .and_then(|i| i.email.clone())
-                                .filter(|e| !e.is_empty()),
-                            first_name: identity.as_ref().and_then(|i| i.first_name.clone()),
-                            last_name: identity.as_ref().and_then(|i| i.last_name.clone()),
-                        }
-                    }),
-                    Err(error) => {
-                        let error = StoreError::from_sdk("connect", error);
-                        if error.is_transient() {
-                            return Err(AgentError::Connect(error));
-                        }
-                        tracing::warn!(%error, %user, "agent not resolvable; the contact goes on with the agent id");
-                        None
-                    }
+            UserSource::Connect(users) => match users.describe_user(instance, user, deadline).await
+            {
+                Ok(profile) => Some(profile),
+                Err(error) if error.is_transient() => return Err(AgentError::Connect(error)),
+                Err(error) => {
+                    tracing::warn!(%error, %user, "agent not resolvable; the contact goes on with the agent id");
+                    None
                 }
-            }
+            },
         };
         let found = profile.is_some();
         self.profiles.put((instance, user), profile.clone(), found);

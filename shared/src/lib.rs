@@ -4,6 +4,7 @@ pub mod agents;
 pub mod auth;
 pub mod config;
 pub mod connect;
+pub mod connect_users;
 pub mod contact_state;
 pub mod dataverse;
 pub mod directory;

@@ -12,6 +12,7 @@ use uuid::Uuid;
 use crate::agents::{AgentResolver, Profile, UserSource};
 use crate::auth::Authenticator;
 use crate::config::{CONFIG_LOCATION_VAR, Config};
+use crate::connect_users::ConnectUsers;
 use crate::contact_state::ContactStateStore;
 use crate::dataverse::DataverseClient;
 use crate::dataverse::retry::RetryPolicy;
@@ -37,13 +38,12 @@ fn required(name: &str) -> Result<String, StartupError> {
 /// Everything a lifecycle function needs, from its environment:
 /// `CONNECT_DYNAMICS_CONFIG`, `TOKEN_CACHE_TABLE`, `CONTACT_STATE_TABLE`,
 /// `DIRECTORY_TABLE`, `RETRY_QUEUE_URL`, `DEAD_LETTER_QUEUE_URL`.
-#[cfg(feature = "connect-agents")]
 pub async fn lifecycle_from_env(function: &'static str) -> Result<Lifecycle, StartupError> {
     let common = common().await?;
+    let users = ConnectUsers::new(common.http.clone(), &common.aws)
+        .map_err(|e| StartupError(format!("Amazon Connect: {e}")))?;
     Ok(Lifecycle {
-        agents: AgentResolver::new(UserSource::Connect(aws_sdk_connect::Client::new(
-            &common.aws,
-        ))),
+        agents: AgentResolver::new(UserSource::Connect(users)),
         dataverse: common.dataverse,
         state: ContactStateStore::dynamodb(
             common.dynamodb.clone(),
@@ -110,8 +110,9 @@ struct Common {
     aws: aws_config::SdkConfig,
     dynamodb: aws_sdk_dynamodb::Client,
     /// Read by the lifecycle functions only.
-    #[cfg_attr(not(feature = "connect-agents"), expect(dead_code))]
     s3: aws_sdk_s3::Client,
+    /// The HTTPS client behind the Dataverse client, for Amazon Connect's `DescribeUser`.
+    http: reqwest::Client,
     config: Config,
     dataverse: DataverseClient,
 }
@@ -159,11 +160,16 @@ async fn common() -> Result<Common, StartupError> {
         &dynamics.client_id,
         &dynamics.scope,
     );
-    let dataverse = dataverse_client(http, dynamics, TokenCache::new(authenticator, Some(tokens)));
+    let dataverse = dataverse_client(
+        http.clone(),
+        dynamics,
+        TokenCache::new(authenticator, Some(tokens)),
+    );
     Ok(Common {
         aws,
         dynamodb,
         s3,
+        http,
         config,
         dataverse,
     })

@@ -455,14 +455,15 @@ pub fn lifecycle_with_stored_secret(
     lifecycle
 }
 
-/// Agent lookups through the AWS SDK's Connect client, answered by the emulator's `DescribeUser`.
+/// Agent lookups through Amazon Connect's signed `DescribeUser`, answered by the emulator.
 pub fn connect_agents(base: &str, aws: &AwsResources) -> shared::agents::AgentResolver {
-    let client = aws_sdk_connect::Client::from_conf(
-        aws_sdk_connect::config::Builder::from(&aws.sdk)
-            .endpoint_url(base)
-            .build(),
-    );
-    shared::agents::AgentResolver::new(shared::agents::UserSource::Connect(client))
+    let sdk = aws.sdk.to_builder().endpoint_url(base).build();
+    let http =
+        DataverseClient::http_client(&shared::tls::TlsRoots::built_in().expect("built-in roots"))
+            .expect("http client");
+    let users =
+        shared::connect_users::ConnectUsers::new(http, &sdk).expect("region and credentials");
+    shared::agents::AgentResolver::new(shared::agents::UserSource::Connect(users))
 }
 
 /// The retry queue's next messages as the SQS event its trigger delivers, and how
