@@ -13,6 +13,7 @@ use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvid
 use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningError, SigningSettings, sign};
 use aws_sigv4::sign::v4;
 use aws_smithy_runtime_api::client::identity::Identity;
+use aws_types::service_config::ServiceConfigKey;
 use serde::Deserialize;
 use url::Url;
 use uuid::Uuid;
@@ -86,14 +87,12 @@ pub struct ConnectUsers {
 }
 
 impl ConnectUsers {
-    /// The region, credentials and endpoint override (`AWS_ENDPOINT_URL`) of `aws`.
+    /// The region, credentials and endpoint override of `aws`.
     /// Credentials are asked for on each call: calls are rare (answers are cached
     /// per agent) and on Lambda they come from the environment.
     pub fn new(http: reqwest::Client, aws: &aws_config::SdkConfig) -> Result<Self, ConnectError> {
         let region = aws.region().ok_or(ConnectError::NoRegion)?.to_string();
-        let endpoint = aws
-            .endpoint_url()
-            .map(str::to_owned)
+        let endpoint = endpoint_override(aws)
             .unwrap_or_else(|| format!("https://{SERVICE}.{region}.amazonaws.com"));
         let endpoint = Url::parse(&endpoint)
             .ok()
@@ -205,6 +204,23 @@ impl ConnectUsers {
     }
 }
 
+/// The endpoint a generated client would use: one set in code, else Connect's own
+/// (`AWS_ENDPOINT_URL_CONNECT`, a profile's `services` section), else the global one.
+fn endpoint_override(aws: &aws_config::SdkConfig) -> Option<String> {
+    if aws.get_origin("endpoint_url").is_client_config() {
+        return aws.endpoint_url().map(str::to_owned);
+    }
+    let key = ServiceConfigKey::builder()
+        .service_id("Connect")
+        .env("AWS_ENDPOINT_URL")
+        .profile("endpoint_url")
+        .build()
+        .ok()?;
+    aws.service_config()
+        .and_then(|config| config.load_config(key))
+        .or_else(|| aws.endpoint_url().map(str::to_owned))
+}
+
 #[derive(Deserialize)]
 #[serde(rename_all = "PascalCase")]
 struct DescribeUserOutput {
@@ -232,4 +248,69 @@ struct ErrorBody {
     kind: Option<String>,
     #[serde(alias = "Message")]
     message: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_credential_types::Credentials;
+    use aws_types::region::Region;
+    use aws_types::service_config::LoadServiceConfig;
+
+    /// `AWS_ENDPOINT_URL_CONNECT`, as the config loader answers it.
+    #[derive(Debug)]
+    struct ConnectEndpoint(Option<&'static str>);
+
+    impl LoadServiceConfig for ConnectEndpoint {
+        fn load_config(&self, key: ServiceConfigKey<'_>) -> Option<String> {
+            (key.service_id() == "Connect" && key.env() == "AWS_ENDPOINT_URL")
+                .then_some(self.0)
+                .flatten()
+                .map(str::to_owned)
+        }
+    }
+
+    fn endpoint(global: Option<&str>, connect: Option<&'static str>) -> String {
+        let mut aws = aws_config::SdkConfig::builder()
+            .region(Region::new("eu-west-2"))
+            .credentials_provider(SharedCredentialsProvider::new(Credentials::new(
+                "id", "secret", None, None, "test",
+            )))
+            .service_config(ConnectEndpoint(connect));
+        aws.set_endpoint_url(global.map(str::to_owned));
+        let users = ConnectUsers::new(reqwest::Client::new(), &aws.build()).expect("configured");
+        users.endpoint.to_string()
+    }
+
+    #[test]
+    fn connects_own_endpoint_wins_over_the_global_one_and_the_default() {
+        assert_eq!(
+            endpoint(None, None),
+            "https://connect.eu-west-2.amazonaws.com/"
+        );
+        assert_eq!(
+            endpoint(Some("http://global.test"), None),
+            "http://global.test/"
+        );
+        assert_eq!(
+            endpoint(Some("http://global.test"), Some("http://connect.test:4000")),
+            "http://connect.test:4000/"
+        );
+    }
+
+    #[test]
+    fn only_passing_failures_are_tried_again() {
+        let service = |status: u16, code: &str| ConnectError::Service {
+            status,
+            code: code.into(),
+            message: String::new(),
+        };
+        assert!(service(429, "ThrottlingException").is_transient());
+        assert!(service(400, "ThrottlingException").is_transient());
+        assert!(service(500, "InternalServiceException").is_transient());
+        assert!(!service(404, "ResourceNotFoundException").is_transient());
+        assert!(!service(403, "AccessDeniedException").is_transient());
+        assert!(ConnectError::Timeout.is_transient());
+        assert!(!ConnectError::NoRegion.is_transient());
+    }
 }
