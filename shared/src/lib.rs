@@ -2,6 +2,7 @@
 
 pub mod agents;
 pub mod auth;
+pub mod aws_http;
 pub mod config;
 pub mod connect;
 pub mod connect_users;

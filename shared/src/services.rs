@@ -121,7 +121,7 @@ struct Common {
 /// black-holed connection would hold an invocation until Lambda kills it.
 fn aws_timeouts() -> aws_config::timeout::TimeoutConfig {
     aws_config::timeout::TimeoutConfig::builder()
-        .connect_timeout(std::time::Duration::from_secs(2))
+        .connect_timeout(crate::aws_http::CONNECT_TIMEOUT)
         .operation_attempt_timeout(std::time::Duration::from_secs(5))
         .operation_timeout(std::time::Duration::from_secs(15))
         .build()
@@ -130,12 +130,8 @@ fn aws_timeouts() -> aws_config::timeout::TimeoutConfig {
 async fn common() -> Result<Common, StartupError> {
     // One root store for both HTTPS clients of the container.
     let roots = TlsRoots::from_env().map_err(|e| StartupError(e.to_string()))?;
-    let aws = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .http_client(
-            roots
-                .aws_http_client()
-                .map_err(|e| StartupError(e.to_string()))?,
-        )
+    let aws = crate::aws_http::config_loader(&roots)
+        .map_err(|e| StartupError(e.to_string()))?
         .timeout_config(aws_timeouts())
         .load()
         .await;
@@ -317,7 +313,11 @@ pub async fn resolve_secret(
 ) -> Result<crate::secret::Secret, StartupError> {
     let client = match reference {
         crate::config::SecretRef::SecretsManager(_) => {
-            let aws = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+            let roots = TlsRoots::from_env().map_err(|e| StartupError(e.to_string()))?;
+            let aws = crate::aws_http::config_loader(&roots)
+                .map_err(|e| StartupError(e.to_string()))?
+                .load()
+                .await;
             Some(aws_sdk_secretsmanager::Client::new(&aws))
         }
         crate::config::SecretRef::Env(_) => None,

@@ -86,9 +86,16 @@ impl Process {
     }
 
     async fn invoke(&self, event: Value) -> Value {
+        match self.try_invoke(event).await {
+            Ok(answer) => answer,
+            Err(error) => panic!("{} answered an error: {error}", self.name),
+        }
+    }
+
+    /// The answer, or the error the function answered with.
+    async fn try_invoke(&self, event: Value) -> Result<Value, Value> {
         match self.runtime.invoke(event, Duration::from_secs(60)).await {
-            Some(Ok(answer)) => answer,
-            Some(Err(error)) => panic!("{} answered an error: {error}", self.name),
+            Some(answer) => answer,
             None => panic!(
                 "{} gave no answer (init error: {:?})",
                 self.name,
@@ -629,11 +636,13 @@ async fn stampede() -> Value {
         let process = process.clone();
         let event = contact_events(&fresh.bucket).remove(0).2;
         tasks.spawn(async move {
-            let answer = process.invoke(event).await;
-            (
-                answer["dynamics_status"].as_str().unwrap_or("?").to_owned(),
-                Instant::now(),
-            )
+            // 100 processes at once can outlast the flow's budget on a small machine:
+            // the error the flow would see is counted, not fatal to the benchmark.
+            let status = match process.try_invoke(event).await {
+                Ok(answer) => answer["dynamics_status"].as_str().unwrap_or("?").to_owned(),
+                Err(error) => format!("error {}", error["errorType"].as_str().unwrap_or("?")),
+            };
+            (status, Instant::now())
         });
     }
     let mut statuses: BTreeMap<String, usize> = BTreeMap::new();

@@ -31,7 +31,8 @@ pub fn aws_endpoint() -> String {
 
 /// SDK configuration pointing at moto_server, with throwaway credentials.
 pub async fn aws_config() -> aws_config::SdkConfig {
-    aws_config::defaults(aws_config::BehaviorVersion::latest())
+    shared::aws_http::config_loader(&shared::tls::TlsRoots::built_in().expect("built-in roots"))
+        .expect("the SDK's HTTP client")
         .region(aws_config::Region::new("us-east-1"))
         .endpoint_url(aws_endpoint())
         .credentials_provider(aws_sdk_dynamodb::config::Credentials::new(

@@ -734,26 +734,3 @@ async fn a_late_start_time_close_to_the_flows_costs_no_request_of_its_own() {
     deliver(&lifecycle, Kind::Initiated, far).await;
     assert_eq!(dataverse_writes(&emulator).len(), before + 1);
 }
-
-/// The SDK's HTTPS client the functions build (one root store, connector built on
-/// first use) carries real requests.
-#[tokio::test]
-async fn the_aws_client_with_the_built_in_roots_reaches_aws() {
-    let aws = AwsResources::create().await;
-    let http = shared::tls::TlsRoots::built_in()
-        .and_then(|roots| roots.aws_http_client())
-        .expect("the built-in roots");
-    let config = aws_sdk_dynamodb::config::Builder::from(&aws.sdk)
-        .http_client(http)
-        .build();
-    let table = aws_sdk_dynamodb::Client::from_conf(config)
-        .describe_table()
-        .table_name(&aws.state_table)
-        .send()
-        .await
-        .expect("moto answers through the client");
-    assert_eq!(
-        table.table().and_then(|t| t.table_name()),
-        Some(aws.state_table.as_str())
-    );
-}

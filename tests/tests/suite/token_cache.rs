@@ -230,7 +230,9 @@ async fn a_refused_token_is_replaced_in_the_table() {
 #[tokio::test]
 async fn an_unreachable_table_falls_back_to_direct_token_requests() {
     let emulator = emulator().await;
-    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+    let roots = shared::tls::TlsRoots::built_in().expect("built-in roots");
+    let config = shared::aws_http::config_loader(&roots)
+        .expect("the SDK's HTTP client")
         .region(aws_config::Region::new("us-east-1"))
         .endpoint_url("http://127.0.0.1:9")
         .credentials_provider(aws_sdk_dynamodb::config::Credentials::new(
