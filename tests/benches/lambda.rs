@@ -141,10 +141,10 @@ async fn function_env(
     aws: &AwsResources,
     endpoint: &str,
     dynamics: &str,
-    extra_yaml: &str,
+    contact_yaml: &str,
 ) -> Vec<(String, String)> {
     let yaml = format!(
-        "{}contact:\n  owner_from_agent: internalemailaddress\n  close_grace_seconds: {CLOSE_GRACE_SECONDS}\nwebhook:\n  key: {{ env: {WEBHOOK_VAR} }}\n{extra_yaml}",
+        "{}contact:\n  owner_from_agent: internalemailaddress\n  close_grace_seconds: {CLOSE_GRACE_SECONDS}\n{contact_yaml}webhook:\n  key: {{ env: {WEBHOOK_VAR} }}\n",
         config_yaml_via(emulator, dynamics)
     );
     let path = std::env::temp_dir().join(format!("bench-config-{}.yaml", uuid::Uuid::new_v4()));
@@ -624,7 +624,17 @@ async fn stampede() -> Value {
     })
     .await;
     let fresh = AwsResources::create().await;
-    let env = function_env(&emulator, &fresh, &aws_endpoint(), &emulator.org_url(), "").await;
+    // moto_server answers one request at a time (as DynamoDB's conditional writes
+    // need): 100 processes polling it for the token outlast the flow's default
+    // 3 s, so the stampede gives the flow Amazon Connect's longest wait.
+    let env = function_env(
+        &emulator,
+        &fresh,
+        &aws_endpoint(),
+        &emulator.org_url(),
+        "  flow_budget_ms: 7000\n",
+    )
+    .await;
     let started = Instant::now();
     let mut processes = Vec::new();
     for _ in 0..PROCESSES {
