@@ -347,20 +347,28 @@ impl AwsResources {
     }
 
     /// Messages sent with a delay that has not passed yet.
-    pub async fn delayed_messages(&self, queue: &str) -> u64 {
-        let name = aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessagesDelayed;
+    /// Messages waiting in `queue`, visible or still delayed. Both are read in one
+    /// call: a delay that ends between two reads would otherwise hide a message
+    /// from both (received as none while delayed, counted as none once visible).
+    pub async fn pending_messages(&self, queue: &str) -> u64 {
+        use aws_sdk_sqs::types::QueueAttributeName;
+        let names = [
+            QueueAttributeName::ApproximateNumberOfMessages,
+            QueueAttributeName::ApproximateNumberOfMessagesDelayed,
+        ];
         let output = self
             .sqs
             .get_queue_attributes()
             .queue_url(queue)
-            .attribute_names(name.clone())
+            .set_attribute_names(Some(names.to_vec()))
             .send()
             .await
             .expect("queue attributes from moto_server");
-        output
-            .attributes
-            .and_then(|a| a.get(&name).and_then(|n| n.parse().ok()))
-            .unwrap_or(0)
+        let attributes = output.attributes.unwrap_or_default();
+        names
+            .iter()
+            .filter_map(|name| attributes.get(name)?.parse::<u64>().ok())
+            .sum()
     }
 
     pub async fn dead_letters(&self) -> Vec<serde_json::Value> {
@@ -474,9 +482,10 @@ pub async fn next_retry_batch(aws: &AwsResources) -> Option<(serde_json::Value, 
     loop {
         let messages = aws.drain(&aws.retry_queue).await;
         if messages.is_empty() {
-            // A hand-off with a delay (a busy contact waits 2 s) is not received yet:
-            // the queue is drained only when nothing is delayed either.
-            if aws.delayed_messages(&aws.retry_queue).await == 0 {
+            // A hand-off with a delay (a busy contact waits 2 s, a held close its
+            // grace) is not received yet: the queue is drained only when nothing
+            // waits in it at all.
+            if aws.pending_messages(&aws.retry_queue).await == 0 {
                 return None;
             }
             tokio::time::sleep(Duration::from_millis(250)).await;

@@ -617,7 +617,7 @@ async fn a_voice_contact_with_its_recording_costs_four_dataverse_requests() {
         "the ended write holds the close"
     );
     // The delayed close is queued, and finds nothing to do when it comes.
-    assert_eq!(aws.delayed_messages(&aws.retry_queue).await, 1);
+    assert_eq!(aws.pending_messages(&aws.retry_queue).await, 1);
     println!(
         "a voice contact with its recording, cold container: {} Dataverse, {} token, {} DynamoDB requests",
         requests.len(),
@@ -698,7 +698,7 @@ async fn a_call_no_agent_took_is_closed_at_once() {
         1,
         "no agent, no recording to wait for"
     );
-    assert_eq!(aws.delayed_messages(&aws.retry_queue).await, 0);
+    assert_eq!(aws.pending_messages(&aws.retry_queue).await, 0);
     assert_eq!(dataverse_writes(&emulator).len(), 2);
 }
 
