@@ -479,51 +479,43 @@ async fn describe_user(
 ) -> Response {
     shared.describe_user_requests.fetch_add(1, Ordering::SeqCst);
     if !signed_for_connect(&headers) {
-        let mut response = (
+        return aws_error(
             StatusCode::FORBIDDEN,
-            axum::Json(json!({ "message": "Missing Authentication Token" })),
-        )
-            .into_response();
-        response.headers_mut().insert(
-            "x-amzn-ErrorType",
-            HeaderValue::from_static("MissingAuthenticationTokenException"),
+            "MissingAuthenticationTokenException",
+            json!({ "message": "Missing Authentication Token" }),
         );
-        return response;
     }
     let throttled = shared
         .describe_user_throttles
         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
         .is_ok();
     if throttled {
-        let mut response = (
+        return aws_error(
             StatusCode::TOO_MANY_REQUESTS,
-            axum::Json(json!({ "Message": "Rate exceeded" })),
-        )
-            .into_response();
-        response.headers_mut().insert(
-            "x-amzn-ErrorType",
-            HeaderValue::from_static("ThrottlingException"),
+            "ThrottlingException",
+            json!({ "Message": "Rate exceeded" }),
         );
-        return response;
     }
     let found = match (Uuid::parse_str(&instance), Uuid::parse_str(&user)) {
         (Ok(instance), Ok(user)) => lock(&shared.connect_users).get(&(instance, user)).cloned(),
         _ => None,
     };
-    let (status, error_type, body) = match found {
-        Some(user) => (StatusCode::OK, None, json!({ "User": user })),
-        None => (
+    match found {
+        Some(user) => (StatusCode::OK, axum::Json(json!({ "User": user }))).into_response(),
+        None => aws_error(
             StatusCode::NOT_FOUND,
-            Some("ResourceNotFoundException"),
+            "ResourceNotFoundException",
             json!({ "Message": format!("User {user} not found in instance {instance}") }),
         ),
-    };
-    let mut response = (status, axum::Json(body)).into_response();
-    if let Some(error_type) = error_type {
-        response
-            .headers_mut()
-            .insert("x-amzn-ErrorType", HeaderValue::from_static(error_type));
     }
+}
+
+/// A restJson1 error: the type in `x-amzn-ErrorType`, the message in the body.
+fn aws_error(status: StatusCode, error_type: &'static str, body: Value) -> Response {
+    let mut response = (status, axum::Json(body)).into_response();
+    response
+        .headers_mut()
+        .insert("x-amzn-ErrorType", HeaderValue::from_static(error_type));
     response
 }
 

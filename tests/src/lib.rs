@@ -346,7 +346,6 @@ impl AwsResources {
         }
     }
 
-    /// Messages sent with a delay that has not passed yet.
     /// Messages waiting in `queue`, visible or still delayed. Both are read in one
     /// call: a delay that ends between two reads would otherwise hide a message
     /// from both (received as none while delayed, counted as none once visible).
