@@ -10,6 +10,7 @@ use tokio::sync::Mutex;
 use url::Url;
 
 use crate::config::{Credential, DynamicsConfig};
+use crate::on_demand::OnDemand;
 use crate::secret::Secret;
 
 /// A bearer token and when it stops being valid.
@@ -98,7 +99,7 @@ pub struct Authenticator {
     client_id: String,
     scope: String,
     credential: Credential,
-    secrets: Option<aws_sdk_secretsmanager::Client>,
+    secrets: Option<OnDemand<aws_sdk_secretsmanager::Client>>,
     secret: Mutex<LoadedSecret>,
     /// A secret handed over directly (`with_secret`): there is nothing to re-read.
     pinned: bool,
@@ -119,7 +120,7 @@ impl Authenticator {
     pub fn new(
         http: reqwest::Client,
         config: &DynamicsConfig,
-        secrets: Option<aws_sdk_secretsmanager::Client>,
+        secrets: Option<OnDemand<aws_sdk_secretsmanager::Client>>,
     ) -> Self {
         Self {
             http,
@@ -152,15 +153,9 @@ impl Authenticator {
         self.requests.load(Ordering::Relaxed)
     }
 
-    fn reference(&self) -> &crate::config::SecretRef {
-        match &self.credential {
-            Credential::ClientSecret(reference) => reference,
-            Credential::Certificate { private_key, .. } => private_key,
-        }
-    }
-
     async fn resolve(&self) -> Result<Secret, TokenError> {
-        self.reference()
+        self.credential
+            .secret()
             .resolve(self.secrets.as_ref())
             .await
             .map_err(TokenError::Credential)

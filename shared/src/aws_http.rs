@@ -1,11 +1,10 @@
-//! The AWS SDK's requests sent through `reqwest`, with the container's TLS roots.
+//! The AWS SDK's requests sent through the container's one `reqwest` client.
 //!
 //! The SDK's own HTTPS client wants its roots as PEM, parses them again into a
 //! second rustls configuration and links a second TLS stack. Over `reqwest`, the
-//! SDK and the Dataverse client share one root store (`crate::tls`), built once.
-//! The SDK keeps everything above the wire: signing, retries, timeouts, endpoints.
-
-use std::time::Duration;
+//! SDK and the Dataverse client share one client and root store (`crate::tls`),
+//! built once. The SDK keeps everything above the wire: signing, retries,
+//! timeouts, endpoints.
 
 use aws_smithy_runtime_api::client::http::{
     HttpClient, HttpConnector, HttpConnectorFuture, HttpConnectorSettings, SharedHttpClient,
@@ -17,31 +16,45 @@ use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
 use aws_smithy_runtime_api::http::StatusCode;
 use aws_smithy_types::body::SdkBody;
 
-use crate::tls::TlsRoots;
-
-/// How long an AWS connection may take to open.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-
 /// The standard AWS configuration (environment, profile, credentials chain), its
-/// requests sent through [`sdk_http_client`].
-pub fn config_loader(roots: &TlsRoots) -> Result<aws_config::ConfigLoader, reqwest::Error> {
-    Ok(aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .http_client(sdk_http_client(roots, CONNECT_TIMEOUT)?))
+/// requests sent through `http`.
+///
+/// Lambda puts the execution role's credentials and the region in the environment.
+/// When they are there, they are read directly: the default chains would find them
+/// first too, but building the chains builds an STS client (web identity) and an
+/// IMDS client, each parsing the endpoint partition tables, for nothing.
+pub fn config_loader(http: &reqwest::Client) -> aws_config::ConfigLoader {
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .http_client(SharedHttpClient::new(Reqwest(http.clone())));
+    let in_env = EnvShortcuts::read(|name| std::env::var(name).ok());
+    if in_env.credentials {
+        loader = loader.credentials_provider(
+            aws_config::environment::EnvironmentVariableCredentialsProvider::new(),
+        );
+    }
+    if in_env.region {
+        loader = loader.region(aws_config::environment::EnvironmentVariableRegionProvider::new());
+    }
+    loader
 }
 
-/// An SDK HTTP client trusting `roots`.
-pub fn sdk_http_client(
-    roots: &TlsRoots,
-    connect_timeout: Duration,
-) -> Result<SharedHttpClient, reqwest::Error> {
-    let http = roots
-        .apply(reqwest::Client::builder())
-        // The SDK reads redirects itself (S3's `PermanentRedirect`, for one).
-        .redirect(reqwest::redirect::Policy::none())
-        .connect_timeout(connect_timeout)
-        .pool_idle_timeout(Duration::from_secs(50))
-        .build()?;
-    Ok(SharedHttpClient::new(Reqwest(http)))
+/// Which parts of the AWS configuration the environment settles on its own, as the
+/// first link of each default chain would read them.
+#[derive(Debug, PartialEq, Eq)]
+struct EnvShortcuts {
+    credentials: bool,
+    region: bool,
+}
+
+impl EnvShortcuts {
+    fn read(var: impl Fn(&str) -> Option<String>) -> Self {
+        let set = |name: &str| var(name).is_some_and(|value| !value.trim().is_empty());
+        Self {
+            credentials: set("AWS_ACCESS_KEY_ID")
+                && (set("AWS_SECRET_ACCESS_KEY") || set("SECRET_ACCESS_KEY")),
+            region: set("AWS_REGION") || set("AWS_DEFAULT_REGION"),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -111,5 +124,53 @@ fn connector_error(error: reqwest::Error) -> ConnectorError {
         ConnectorError::user(error.into())
     } else {
         ConnectorError::io(error.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shortcuts(vars: &[(&str, &str)]) -> EnvShortcuts {
+        EnvShortcuts::read(|name| {
+            vars.iter()
+                .find(|(var, _)| *var == name)
+                .map(|(_, value)| (*value).to_owned())
+        })
+    }
+
+    #[test]
+    fn lambdas_environment_settles_credentials_and_region_without_the_chains() {
+        let lambda = [
+            ("AWS_ACCESS_KEY_ID", "ASIAEXAMPLE"),
+            ("AWS_SECRET_ACCESS_KEY", "secret"),
+            ("AWS_SESSION_TOKEN", "token"),
+            ("AWS_REGION", "eu-west-2"),
+        ];
+        assert_eq!(
+            shortcuts(&lambda),
+            EnvShortcuts {
+                credentials: true,
+                region: true
+            }
+        );
+    }
+
+    #[test]
+    fn anything_less_is_left_to_the_default_chains() {
+        let partial = [
+            ("AWS_ACCESS_KEY_ID", "ASIAEXAMPLE"),
+            ("AWS_SECRET_ACCESS_KEY", " "),
+            ("AWS_PROFILE", "operator"),
+        ];
+        assert_eq!(
+            shortcuts(&partial),
+            EnvShortcuts {
+                credentials: false,
+                region: false
+            }
+        );
+        let default_region = [("AWS_DEFAULT_REGION", "us-east-1")];
+        assert!(shortcuts(&default_region).region);
     }
 }

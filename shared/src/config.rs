@@ -14,6 +14,7 @@ use uuid::Uuid;
 
 use crate::dataverse::odata::{EntitySet, Identifier};
 use crate::mapping::EntityMapping;
+use crate::on_demand::OnDemand;
 use crate::phone::PhoneNormalizer;
 use crate::secret::Secret;
 use crate::template::{PayloadTemplate, Templates, TextTemplate};
@@ -125,6 +126,16 @@ pub enum Credential {
         thumbprint: String,
         private_key: SecretRef,
     },
+}
+
+impl Credential {
+    /// The secret the credential is made from.
+    pub fn secret(&self) -> &SecretRef {
+        match self {
+            Self::ClientSecret(reference) => reference,
+            Self::Certificate { private_key, .. } => private_key,
+        }
+    }
 }
 
 /// Where a secret lives. Never the secret itself.
@@ -387,14 +398,14 @@ struct DirectoryDocument {
 }
 
 fn default_directory() -> Vec<EntityMapping> {
-    parse_yaml(
-        "
-- { entity_set: contacts, logical_name: contact, key: contactid, name: fullname,
-    phones: [telephone1, telephone2, mobilephone], priority: 1 }
-- { entity_set: accounts, logical_name: account, key: accountid, name: name,
-    phones: [telephone1, telephone2], priority: 2 }
-",
-    )
+    // From JSON rather than YAML: the YAML parser's buffers cost a cold start more
+    // than this whole document.
+    serde_json::from_value(json!([
+        {"entity_set": "contacts", "logical_name": "contact", "key": "contactid", "name": "fullname",
+            "phones": ["telephone1", "telephone2", "mobilephone"], "priority": 1},
+        {"entity_set": "accounts", "logical_name": "account", "key": "accountid", "name": "name",
+            "phones": ["telephone1", "telephone2"], "priority": 2},
+    ]))
     .expect("the built-in directory mapping parses")
 }
 
@@ -601,7 +612,7 @@ impl Config {
     /// `s3://bucket/key` (read with the given S3 client).
     pub async fn load(
         location: &str,
-        s3: Option<&aws_sdk_s3::Client>,
+        s3: Option<&OnDemand<aws_sdk_s3::Client>>,
     ) -> Result<Self, ConfigError> {
         let unreadable = |message: String| ConfigError::Unreadable {
             location: location.to_owned(),
@@ -614,6 +625,7 @@ impl Config {
                 .ok_or_else(|| unreadable("expected s3://bucket/key".into()))?;
             let s3 = s3.ok_or_else(|| unreadable("no S3 client".into()))?;
             let object = s3
+                .get()
                 .get_object()
                 .bucket(bucket)
                 .key(key)
@@ -825,7 +837,7 @@ impl SecretRef {
     /// Resolves the secret: from the environment, or from Secrets Manager.
     pub async fn resolve(
         &self,
-        secrets: Option<&aws_sdk_secretsmanager::Client>,
+        secrets: Option<&OnDemand<aws_sdk_secretsmanager::Client>>,
     ) -> Result<Secret, String> {
         match self {
             Self::Env(name) => std::env::var(name)
@@ -836,6 +848,7 @@ impl SecretRef {
             Self::SecretsManager(id) => {
                 let client = secrets.ok_or_else(|| "no Secrets Manager client".to_owned())?;
                 let answer = client
+                    .get()
                     .get_secret_value()
                     .secret_id(id)
                     .send()

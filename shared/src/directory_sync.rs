@@ -17,6 +17,7 @@ use crate::dataverse::{Change, DataverseClient, DataverseError};
 use crate::directory::{CallerDirectory, WriteOutcome};
 use crate::handoff::{DeadLetter, Handoff};
 use crate::mapping::EntityMapping;
+use crate::on_demand::OnDemand;
 use crate::secret::Secret;
 use crate::store_error::StoreError;
 use crate::webhook::{self, Message, Refusal, WebhookKeys};
@@ -28,7 +29,7 @@ pub struct DirectorySync {
     pub directory: Arc<CallerDirectory>,
     pub handoff: Handoff,
     pub checkpoints: CheckpointStore,
-    pub secrets: Option<aws_sdk_secretsmanager::Client>,
+    pub secrets: Option<OnDemand<aws_sdk_secretsmanager::Client>>,
     pub keys: OnceCell<WebhookKeys>,
     pub function: &'static str,
     /// First retry delay; doubles per attempt up to SQS's 15 minutes.

@@ -11,6 +11,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::connect::StepFacts;
+use crate::on_demand::OnDemand;
 use crate::store_error::StoreError;
 
 /// Work on a contact: an event's facts as they arrive, or a contact to process
@@ -71,7 +72,8 @@ pub struct RefusedColumn {
 
 pub enum Handoff {
     Sqs {
-        client: aws_sdk_sqs::Client,
+        /// Built on the first hand-off: most events never need one.
+        client: OnDemand<aws_sdk_sqs::Client>,
         retry_queue_url: String,
         dead_letter_queue_url: String,
     },
@@ -106,6 +108,7 @@ impl Handoff {
                 let body = serde_json::to_string(message)
                     .map_err(|e| StoreError::new("SQS", e.to_string(), false))?;
                 client
+                    .get()
                     .send_message()
                     .queue_url(retry_queue_url)
                     .message_body(body)
@@ -137,6 +140,7 @@ impl Handoff {
                 let body = serde_json::to_string(letter)
                     .map_err(|e| StoreError::new("SQS", e.to_string(), false))?;
                 client
+                    .get()
                     .send_message()
                     .queue_url(dead_letter_queue_url)
                     .message_body(body)

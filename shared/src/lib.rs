@@ -15,6 +15,7 @@ pub mod handoff;
 pub mod lifecycle;
 pub mod mapping;
 pub mod observe;
+pub mod on_demand;
 pub mod phone;
 pub mod recording;
 pub mod schema_check;

@@ -25,6 +25,7 @@ use crate::dataverse::odata::EntitySet;
 use crate::dataverse::{DataverseClient, DataverseError};
 use crate::directory::{CallerDirectory, Customer, best_match};
 use crate::handoff::{DeadLetter, Handoff, RefusedColumn, RetryMessage};
+use crate::on_demand::OnDemand;
 use crate::recording::{self, RecordingKind};
 use crate::store_error::StoreError;
 
@@ -35,7 +36,7 @@ pub struct Lifecycle {
     pub state: ContactStateStore,
     pub directory: Arc<CallerDirectory>,
     pub handoff: Handoff,
-    pub s3: Option<aws_sdk_s3::Client>,
+    pub s3: Option<OnDemand<aws_sdk_s3::Client>>,
     pub agents: AgentResolver,
     pub function: &'static str,
     /// First retry delay; doubles per attempt up to SQS's 15 minutes.
@@ -1171,7 +1172,8 @@ impl Lifecycle {
             (Some(expiry), Some(s3)) => {
                 let presigning = aws_sdk_s3::presigning::PresigningConfig::expires_in(expiry)
                     .map_err(|e| StoreError::new("S3", e.to_string(), false))?;
-                s3.get_object()
+                s3.get()
+                    .get_object()
                     .bucket(&detail.bucket.name)
                     .key(&detail.object.key)
                     .presigned(presigning)
@@ -1271,7 +1273,14 @@ impl Lifecycle {
             vec![key.to_owned()]
         };
         for candidate in candidates {
-            match s3.get_object().bucket(bucket).key(&candidate).send().await {
+            match s3
+                .get()
+                .get_object()
+                .bucket(bucket)
+                .key(&candidate)
+                .send()
+                .await
+            {
                 Ok(object) => {
                     if object
                         .content_length()

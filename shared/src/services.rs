@@ -21,6 +21,7 @@ use crate::directory_sync::{CheckpointStore, DirectorySync};
 use crate::handlers::{HandlerError, deadline_from};
 use crate::handoff::Handoff;
 use crate::lifecycle::Lifecycle;
+use crate::on_demand::OnDemand;
 use crate::tls::TlsRoots;
 use crate::token_cache::{TokenCache, TokenStore};
 
@@ -63,7 +64,30 @@ pub async fn lifecycle_from_env(function: &'static str) -> Result<Lifecycle, Sta
 
 /// Runs a function on the Lambda runtime: logging set up, its services built
 /// once per container by `build`, each event handed to `handler` with its deadline.
-pub async fn run<S, B, BFut, F, Fut>(
+///
+/// The Tokio runtime is single-threaded: Lambda hands a container one event at a
+/// time and the work is waiting on the network, so worker threads would only add
+/// their start-up (thread creation, reading the cgroup's CPU quota) to every cold
+/// start.
+pub fn run<S, B, BFut, F, Fut>(
+    function: &'static str,
+    build: B,
+    handler: F,
+) -> Result<(), lambda_runtime::Error>
+where
+    S: Send + Sync + 'static,
+    B: FnOnce(&'static str) -> BFut,
+    BFut: Future<Output = Result<S, StartupError>>,
+    F: Fn(&'static S, Value, Instant) -> Fut,
+    Fut: Future<Output = Result<Value, HandlerError>>,
+{
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(serve(function, build, handler))
+}
+
+async fn serve<S, B, BFut, F, Fut>(
     function: &'static str,
     build: B,
     handler: F,
@@ -109,10 +133,12 @@ where
 struct Common {
     aws: aws_config::SdkConfig,
     dynamodb: aws_sdk_dynamodb::Client,
-    /// Read by the lifecycle functions only.
-    s3: aws_sdk_s3::Client,
+    /// For a configuration kept in S3, and the lifecycle's recordings.
+    s3: OnDemand<aws_sdk_s3::Client>,
     /// The HTTPS client behind the Dataverse client, for Amazon Connect's `DescribeUser`.
     http: reqwest::Client,
+    /// For secrets kept in Secrets Manager, read when first needed.
+    secrets: OnDemand<aws_sdk_secretsmanager::Client>,
     config: Config,
     dataverse: DataverseClient,
 }
@@ -121,33 +147,31 @@ struct Common {
 /// black-holed connection would hold an invocation until Lambda kills it.
 fn aws_timeouts() -> aws_config::timeout::TimeoutConfig {
     aws_config::timeout::TimeoutConfig::builder()
-        .connect_timeout(crate::aws_http::CONNECT_TIMEOUT)
+        .connect_timeout(crate::tls::CONNECT_TIMEOUT)
         .operation_attempt_timeout(std::time::Duration::from_secs(5))
         .operation_timeout(std::time::Duration::from_secs(15))
         .build()
 }
 
 async fn common() -> Result<Common, StartupError> {
-    // One root store for both HTTPS clients of the container.
-    let roots = TlsRoots::from_env().map_err(|e| StartupError(e.to_string()))?;
-    let aws = crate::aws_http::config_loader(&roots)
+    // One HTTPS client, with one root store, for everything the container calls.
+    let http = TlsRoots::from_env()
         .map_err(|e| StartupError(e.to_string()))?
+        .https_client()
+        .map_err(|e| StartupError(e.to_string()))?;
+    let aws = crate::aws_http::config_loader(&http)
         .timeout_config(aws_timeouts())
         .load()
         .await;
-    let s3 = aws_sdk_s3::Client::new(&aws);
+    let s3 = OnDemand::aws(&aws, aws_sdk_s3::Client::new);
     let dynamodb = aws_sdk_dynamodb::Client::new(&aws);
     let location = required(CONFIG_LOCATION_VAR)?;
     let config = Config::load(&location, Some(&s3))
         .await
         .map_err(|e| StartupError(e.to_string()))?;
     check_stack_parameters(&config)?;
-    let http = DataverseClient::http_client(&roots).map_err(|e| StartupError(e.to_string()))?;
-    let authenticator = Authenticator::new(
-        http.clone(),
-        &config.dynamics,
-        Some(aws_sdk_secretsmanager::Client::new(&aws)),
-    );
+    let secrets = OnDemand::aws(&aws, aws_sdk_secretsmanager::Client::new);
+    let authenticator = Authenticator::new(http.clone(), &config.dynamics, Some(secrets.clone()));
     let dynamics = &config.dynamics;
     let tokens = TokenStore::new(
         dynamodb.clone(),
@@ -166,6 +190,7 @@ async fn common() -> Result<Common, StartupError> {
         dynamodb,
         s3,
         http,
+        secrets,
         config,
         dataverse,
     })
@@ -223,7 +248,7 @@ fn check_stack_parameters(config: &Config) -> Result<(), StartupError> {
 
 fn handoff(aws: &aws_config::SdkConfig) -> Result<Handoff, StartupError> {
     Ok(Handoff::Sqs {
-        client: aws_sdk_sqs::Client::new(aws),
+        client: OnDemand::aws(aws, aws_sdk_sqs::Client::new),
         retry_queue_url: required("RETRY_QUEUE_URL")?,
         dead_letter_queue_url: required("DEAD_LETTER_QUEUE_URL")?,
     })
@@ -247,7 +272,7 @@ pub async fn directory_sync_from_env(
             client: common.dynamodb,
             table: checkpoint_table,
         },
-        secrets: Some(aws_sdk_secretsmanager::Client::new(&common.aws)),
+        secrets: Some(common.secrets),
         keys: tokio::sync::OnceCell::new(),
         config: Arc::new(common.config),
         function,
@@ -263,8 +288,10 @@ pub fn local_lifecycle(
     known_agents: HashMap<Uuid, Profile>,
     function: &'static str,
 ) -> Result<Lifecycle, StartupError> {
-    let roots = TlsRoots::from_env().map_err(|e| StartupError(e.to_string()))?;
-    let http = DataverseClient::http_client(&roots).map_err(|e| StartupError(e.to_string()))?;
+    let http = TlsRoots::from_env()
+        .map_err(|e| StartupError(e.to_string()))?
+        .https_client()
+        .map_err(|e| StartupError(e.to_string()))?;
     let authenticator =
         Authenticator::new(http.clone(), &config.dynamics, None).with_secret(secret);
     let dynamics = &config.dynamics;
@@ -313,12 +340,12 @@ pub async fn resolve_secret(
 ) -> Result<crate::secret::Secret, StartupError> {
     let client = match reference {
         crate::config::SecretRef::SecretsManager(_) => {
-            let roots = TlsRoots::from_env().map_err(|e| StartupError(e.to_string()))?;
-            let aws = crate::aws_http::config_loader(&roots)
+            let http = TlsRoots::from_env()
                 .map_err(|e| StartupError(e.to_string()))?
-                .load()
-                .await;
-            Some(aws_sdk_secretsmanager::Client::new(&aws))
+                .https_client()
+                .map_err(|e| StartupError(e.to_string()))?;
+            let aws = crate::aws_http::config_loader(&http).load().await;
+            Some(aws_sdk_secretsmanager::Client::new(&aws).into())
         }
         crate::config::SecretRef::Env(_) => None,
     };

@@ -9,6 +9,10 @@
 //! TLS-inspecting proxy, a private endpoint).
 
 use std::sync::Arc;
+use std::time::Duration;
+
+/// How long a connection (TCP and TLS) may take to open.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The environment variable that selects the roots: `built-in` (default) or `platform`.
 pub const TLS_ROOTS_VAR: &str = "CONNECT_DYNAMICS_TLS_ROOTS";
@@ -55,8 +59,22 @@ impl TlsRoots {
         Ok(Self::BuiltIn(Arc::new(config)))
     }
 
+    /// The container's one HTTPS client, shared by Dataverse, Entra ID, Amazon
+    /// Connect and the AWS SDK (`crate::aws_http`): rustls with these roots,
+    /// pooled, HTTP/1.1 keep-alive (Dataverse affinity cookies are deliberately
+    /// not stored). Redirects are not followed: the SDK reads them itself (S3's
+    /// `PermanentRedirect`), and the Web API and Entra ID never redirect a call.
+    pub fn https_client(&self) -> Result<reqwest::Client, reqwest::Error> {
+        self.apply(reqwest::Client::builder())
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(CONNECT_TIMEOUT)
+            .pool_idle_timeout(Duration::from_secs(50))
+            .user_agent(concat!("connect-dynamics/", env!("CARGO_PKG_VERSION")))
+            .build()
+    }
+
     /// A `reqwest` builder that trusts these roots.
-    pub fn apply(&self, builder: reqwest::ClientBuilder) -> reqwest::ClientBuilder {
+    fn apply(&self, builder: reqwest::ClientBuilder) -> reqwest::ClientBuilder {
         match self {
             // The configuration's verifier holds the roots behind an `Arc`: a
             // clone shares them.
@@ -83,9 +101,9 @@ mod tests {
             built_in_roots().len() > 100,
             "Mozilla's store has well over 100 roots"
         );
-        let http = TlsRoots::built_in().map(|roots| roots.apply(reqwest::Client::builder()));
-        http.expect("the roots")
-            .build()
+        let roots = TlsRoots::built_in().expect("the roots");
+        roots
+            .https_client()
             .expect("reqwest takes the built-in roots");
     }
 

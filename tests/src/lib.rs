@@ -31,15 +31,19 @@ pub fn aws_endpoint() -> String {
 
 /// SDK configuration pointing at moto_server, with throwaway credentials.
 pub async fn aws_config() -> aws_config::SdkConfig {
-    shared::aws_http::config_loader(&shared::tls::TlsRoots::built_in().expect("built-in roots"))
-        .expect("the SDK's HTTP client")
-        .region(aws_config::Region::new("us-east-1"))
-        .endpoint_url(aws_endpoint())
-        .credentials_provider(aws_sdk_dynamodb::config::Credentials::new(
-            "testing", "testing", None, None, "tests",
-        ))
-        .load()
-        .await
+    shared::aws_http::config_loader(
+        &shared::tls::TlsRoots::built_in()
+            .expect("built-in roots")
+            .https_client()
+            .expect("the HTTPS client"),
+    )
+    .region(aws_config::Region::new("us-east-1"))
+    .endpoint_url(aws_endpoint())
+    .credentials_provider(aws_sdk_dynamodb::config::Credentials::new(
+        "testing", "testing", None, None, "tests",
+    ))
+    .load()
+    .await
 }
 
 pub async fn dynamodb() -> aws_sdk_dynamodb::Client {
@@ -122,9 +126,10 @@ pub fn client(emulator: &Emulator, store: Option<TokenStore>) -> DataverseClient
 pub fn client_via(emulator: &Emulator, base: &str, store: Option<TokenStore>) -> DataverseClient {
     let config = Config::from_yaml(&config_yaml_via(emulator, base))
         .expect("the test configuration is valid");
-    let http =
-        DataverseClient::http_client(&shared::tls::TlsRoots::built_in().expect("built-in roots"))
-            .expect("http client");
+    let http = shared::tls::TlsRoots::built_in()
+        .expect("built-in roots")
+        .https_client()
+        .expect("http client");
     let authenticator = Authenticator::new(http.clone(), &config.dynamics, None)
         .with_secret(Secret::new(emulator.options().client_secret.as_str()));
     let retry = RetryPolicy {
@@ -418,11 +423,11 @@ pub fn lifecycle_via(
             &aws.directory_table,
         )),
         handoff: shared::handoff::Handoff::Sqs {
-            client: aws.sqs.clone(),
+            client: aws.sqs.clone().into(),
             retry_queue_url: aws.retry_queue.clone(),
             dead_letter_queue_url: aws.dead_letter_queue.clone(),
         },
-        s3: Some(aws.s3.clone()),
+        s3: Some(aws.s3.clone().into()),
         agents: connect_agents(base, aws),
         config: std::sync::Arc::new(config),
         function: "test",
@@ -443,13 +448,14 @@ pub fn lifecycle_with_stored_secret(
         &format!("{{ client_secret: {{ secrets_manager: {secret_id} }} }}"),
     );
     let config = Config::from_yaml(&yaml).expect("the test configuration is valid");
-    let http =
-        DataverseClient::http_client(&shared::tls::TlsRoots::built_in().expect("built-in roots"))
-            .expect("http client");
+    let http = shared::tls::TlsRoots::built_in()
+        .expect("built-in roots")
+        .https_client()
+        .expect("http client");
     let authenticator = Authenticator::new(
         http.clone(),
         &config.dynamics,
-        Some(aws_sdk_secretsmanager::Client::new(&aws.sdk)),
+        Some(aws_sdk_secretsmanager::Client::new(&aws.sdk).into()),
     );
     let store = token_store(&aws.dynamodb, &aws.token_table, emulator);
     let mut lifecycle = lifecycle(emulator, aws, "");
@@ -466,9 +472,10 @@ pub fn lifecycle_with_stored_secret(
 /// Agent lookups through Amazon Connect's signed `DescribeUser`, answered by the emulator.
 pub fn connect_agents(base: &str, aws: &AwsResources) -> shared::agents::AgentResolver {
     let sdk = aws.sdk.to_builder().endpoint_url(base).build();
-    let http =
-        DataverseClient::http_client(&shared::tls::TlsRoots::built_in().expect("built-in roots"))
-            .expect("http client");
+    let http = shared::tls::TlsRoots::built_in()
+        .expect("built-in roots")
+        .https_client()
+        .expect("http client");
     let users =
         shared::connect_users::ConnectUsers::new(http, &sdk).expect("region and credentials");
     shared::agents::AgentResolver::new(shared::agents::UserSource::Connect(users))
@@ -557,7 +564,7 @@ pub async fn directory_sync(
             &aws.directory_table,
         )),
         handoff: shared::handoff::Handoff::Sqs {
-            client: aws.sqs.clone(),
+            client: aws.sqs.clone().into(),
             retry_queue_url: aws.retry_queue.clone(),
             dead_letter_queue_url: aws.dead_letter_queue.clone(),
         },

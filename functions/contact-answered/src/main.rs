@@ -1,11 +1,9 @@
 //! contact-answered: the `CONNECTED_TO_AGENT` contact event.
 
-#[tokio::main]
-async fn main() -> Result<(), lambda_runtime::Error> {
+fn main() -> Result<(), lambda_runtime::Error> {
     shared::services::run(
         "contact-answered",
         shared::services::lifecycle_from_env,
         shared::handlers::contact_event,
     )
-    .await
 }

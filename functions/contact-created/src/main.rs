@@ -2,12 +2,10 @@
 //! with the record id and screen-pop URL), the `INITIATED` contact event, and the
 //! retry queue.
 
-#[tokio::main]
-async fn main() -> Result<(), lambda_runtime::Error> {
+fn main() -> Result<(), lambda_runtime::Error> {
     shared::services::run(
         "contact-created",
         shared::services::lifecycle_from_env,
         shared::handlers::contact_created,
     )
-    .await
 }

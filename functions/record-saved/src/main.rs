@@ -1,12 +1,10 @@
 //! record-saved: the Dynamics webhook (Create, Update, Delete) through a Lambda
 //! function URL, and its retry queue.
 
-#[tokio::main]
-async fn main() -> Result<(), lambda_runtime::Error> {
+fn main() -> Result<(), lambda_runtime::Error> {
     shared::services::run(
         "record-saved",
         shared::services::directory_sync_from_env,
         shared::handlers::record_saved,
     )
-    .await
 }

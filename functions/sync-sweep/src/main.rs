@@ -1,12 +1,10 @@
 //! sync-sweep: the schedule that reconciles the caller directory with Dataverse
 //! change tracking (deletions above all).
 
-#[tokio::main]
-async fn main() -> Result<(), lambda_runtime::Error> {
+fn main() -> Result<(), lambda_runtime::Error> {
     shared::services::run(
         "sync-sweep",
         shared::services::directory_sync_from_env,
         shared::handlers::sync_sweep,
     )
-    .await
 }

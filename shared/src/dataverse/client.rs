@@ -13,7 +13,6 @@ use uuid::Uuid;
 use super::error::{DataverseError, parse_error_body};
 use super::odata::{EntitySet, encode_query_value, id_from_entity_url, parse_guid};
 use super::retry::{RetryPolicy, parse_retry_after};
-use crate::tls::TlsRoots;
 use crate::token_cache::TokenCache;
 
 /// Request and retry counts since the client was built (for metrics and benchmarks).
@@ -146,18 +145,6 @@ impl DataverseClient {
                 stats: ClientStats::default(),
             }),
         }
-    }
-
-    /// The `reqwest` client every function should share: rustls with the container's
-    /// roots, pooled, HTTP/1.1 keep-alive (Dataverse affinity cookies are
-    /// deliberately not stored).
-    pub fn http_client(roots: &TlsRoots) -> Result<reqwest::Client, reqwest::Error> {
-        roots
-            .apply(reqwest::Client::builder())
-            .pool_idle_timeout(Duration::from_secs(50))
-            .connect_timeout(Duration::from_secs(5))
-            .user_agent(concat!("connect-dynamics/", env!("CARGO_PKG_VERSION")))
-            .build()
     }
 
     pub fn stats(&self) -> StatsSnapshot {

@@ -536,10 +536,10 @@ async fn closed_activity_refuses_updates() {
 async fn wrong_secret_is_a_permanent_credential_error() {
     let emulator = emulator().await;
     let config = e2e::config(&emulator);
-    let http = shared::dataverse::DataverseClient::http_client(
-        &shared::tls::TlsRoots::built_in().expect("built-in roots"),
-    )
-    .unwrap();
+    let http = shared::tls::TlsRoots::built_in()
+        .expect("built-in roots")
+        .https_client()
+        .unwrap();
     let authenticator = shared::auth::Authenticator::new(http.clone(), &config.dynamics, None)
         .with_secret(shared::secret::Secret::new("wrong"));
     let client = shared::dataverse::DataverseClient::new(
@@ -577,10 +577,10 @@ async fn certificate_credentials_sign_a_client_assertion() {
         &format!("{{ certificate: {{ thumbprint: {THUMBPRINT}, private_key: {{ env: CONNECT_DYNAMICS_TEST_KEY }} }} }}"),
     );
     let config = shared::config::Config::from_yaml(&yaml).unwrap();
-    let http = shared::dataverse::DataverseClient::http_client(
-        &shared::tls::TlsRoots::built_in().expect("built-in roots"),
-    )
-    .unwrap();
+    let http = shared::tls::TlsRoots::built_in()
+        .expect("built-in roots")
+        .https_client()
+        .unwrap();
     let authenticator = shared::auth::Authenticator::new(http, &config.dynamics, None).with_secret(
         shared::secret::Secret::new(include_str!("../../fixtures/test-certificate-key.pem")),
     );
@@ -591,10 +591,10 @@ async fn certificate_credentials_sign_a_client_assertion() {
     // The same assertion flow with the wrong thumbprint is refused.
     let wrong = yaml.replace(THUMBPRINT, "00000000000000000000000000000000000000ff");
     let config = shared::config::Config::from_yaml(&wrong).unwrap();
-    let http = shared::dataverse::DataverseClient::http_client(
-        &shared::tls::TlsRoots::built_in().expect("built-in roots"),
-    )
-    .unwrap();
+    let http = shared::tls::TlsRoots::built_in()
+        .expect("built-in roots")
+        .https_client()
+        .unwrap();
     let authenticator = shared::auth::Authenticator::new(http, &config.dynamics, None).with_secret(
         shared::secret::Secret::new(include_str!("../../fixtures/test-certificate-key.pem")),
     );

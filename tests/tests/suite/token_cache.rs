@@ -231,8 +231,7 @@ async fn a_refused_token_is_replaced_in_the_table() {
 async fn an_unreachable_table_falls_back_to_direct_token_requests() {
     let emulator = emulator().await;
     let roots = shared::tls::TlsRoots::built_in().expect("built-in roots");
-    let config = shared::aws_http::config_loader(&roots)
-        .expect("the SDK's HTTP client")
+    let config = shared::aws_http::config_loader(&roots.https_client().expect("the HTTPS client"))
         .region(aws_config::Region::new("us-east-1"))
         .endpoint_url("http://127.0.0.1:9")
         .credentials_provider(aws_sdk_dynamodb::config::Credentials::new(
