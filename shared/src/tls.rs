@@ -1,12 +1,12 @@
-//! The certificate roots every HTTPS client of a container trusts, chosen once.
+//! The container's one HTTPS client and the certificate roots it trusts, chosen once.
 //!
 //! By default the roots are Mozilla's, compiled into the binary as trust anchors
 //! (`webpki-roots`): nothing is read from disk or parsed at start-up, and the
-//! Dataverse client and the AWS SDK (`crate::aws_http`) share the one store.
+//! Dataverse client and the AWS SDK (`crate::aws_http`) share the one client.
 //! Loading the platform's store instead reads and parses every certificate file
 //! under `/etc/ssl`, most of a cold start's CPU. `CONNECT_DYNAMICS_TLS_ROOTS=platform`
-//! switches both clients to it, for an environment that adds its own CA (a
-//! TLS-inspecting proxy, a private endpoint).
+//! switches to it, for an environment that adds its own CA (a TLS-inspecting
+//! proxy, a private endpoint).
 
 use std::sync::Arc;
 use std::time::Duration;
