@@ -9,7 +9,7 @@ use serde::Deserialize;
 use tokio::sync::Mutex;
 use url::Url;
 
-use crate::config::{Credential, DynamicsConfig};
+use crate::config::{Credential, DynamicsConfig, SecretError};
 use crate::on_demand::OnDemand;
 use crate::secret::Secret;
 
@@ -47,7 +47,10 @@ pub enum TokenError {
     /// Entra ID unreachable or failing (5xx, timeout).
     #[error("Entra ID token endpoint unavailable: {0}")]
     Unavailable(String),
-    /// The secret or key could not be loaded or used.
+    /// The secret or key could not be read.
+    #[error("credential unavailable: {0}")]
+    Secret(#[source] std::sync::Arc<SecretError>),
+    /// The key could not be used.
     #[error("credential problem: {0}")]
     Credential(String),
 }
@@ -57,7 +60,12 @@ impl TokenError {
     /// progress looks like that until Secrets Manager holds the value Entra ID
     /// accepts, so it is retried within the retry window before it is dead-lettered.
     pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Unavailable(_)) || self.is_refused_credential()
+        match self {
+            Self::Unavailable(_) => true,
+            Self::Secret(error) => error.is_transient(),
+            Self::Rejected { .. } => self.is_refused_credential(),
+            Self::Credential(_) => false,
+        }
     }
 
     /// `invalid_client`: the secret (or certificate assertion) is not one Entra ID accepts.
@@ -158,7 +166,7 @@ impl Authenticator {
             .secret()
             .resolve(self.secrets.as_ref())
             .await
-            .map_err(TokenError::Credential)
+            .map_err(|error| TokenError::Secret(error.into()))
     }
 
     /// The secret, read on first use.

@@ -833,36 +833,66 @@ pub(crate) fn parse_yaml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T
     )
 }
 
+/// Why a secret could not be read. Never carries the secret.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    #[error("environment variable `{0}` is not set")]
+    NotInEnvironment(String),
+    #[error("secret `{0}` is in Secrets Manager, but no Secrets Manager client was given")]
+    NoSecretsManager(String),
+    #[error("secret `{id}`: {}", aws_sdk_secretsmanager::error::DisplayErrorContext(.source))]
+    SecretsManager {
+        id: String,
+        #[source]
+        source: Box<
+            aws_sdk_secretsmanager::error::SdkError<
+                aws_sdk_secretsmanager::operation::get_secret_value::GetSecretValueError,
+            >,
+        >,
+    },
+    #[error("secret `{0}` has no SecretString")]
+    NotAString(String),
+}
+
+impl SecretError {
+    /// Secrets Manager throttled, failing or out of reach: the same read can
+    /// succeed later. A missing secret or a refused permission will not.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::SecretsManager { source, .. } => crate::store_error::is_transient(source),
+            Self::NotInEnvironment(_) | Self::NoSecretsManager(_) | Self::NotAString(_) => false,
+        }
+    }
+}
+
 impl SecretRef {
     /// Resolves the secret: from the environment, or from Secrets Manager.
     pub async fn resolve(
         &self,
         secrets: Option<&OnDemand<aws_sdk_secretsmanager::Client>>,
-    ) -> Result<Secret, String> {
+    ) -> Result<Secret, SecretError> {
         match self {
             Self::Env(name) => std::env::var(name)
                 .ok()
                 .filter(|value| !value.is_empty())
                 .map(Secret::new)
-                .ok_or_else(|| format!("environment variable `{name}` is not set")),
+                .ok_or_else(|| SecretError::NotInEnvironment(name.clone())),
             Self::SecretsManager(id) => {
-                let client = secrets.ok_or_else(|| "no Secrets Manager client".to_owned())?;
+                let client = secrets.ok_or_else(|| SecretError::NoSecretsManager(id.clone()))?;
                 let answer = client
                     .get()
                     .get_secret_value()
                     .secret_id(id)
                     .send()
                     .await
-                    .map_err(|e| {
-                        format!(
-                            "secret `{id}`: {}",
-                            aws_sdk_secretsmanager::error::DisplayErrorContext(e)
-                        )
+                    .map_err(|source| SecretError::SecretsManager {
+                        id: id.clone(),
+                        source: Box::new(source),
                     })?;
                 answer
                     .secret_string()
                     .map(Secret::new)
-                    .ok_or_else(|| format!("secret `{id}` has no SecretString"))
+                    .ok_or_else(|| SecretError::NotAString(id.clone()))
             }
         }
     }

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use tokio::sync::OnceCell;
 use uuid::Uuid;
 
-use crate::config::Config;
+use crate::config::{Config, SecretError};
 use crate::dataverse::{Change, DataverseClient, DataverseError};
 use crate::directory::{CallerDirectory, WriteOutcome};
 use crate::handoff::{DeadLetter, Handoff};
@@ -89,8 +89,18 @@ pub struct WebhookRequest {
     pub body: Vec<u8>,
 }
 
+/// Why record-saved cannot check the key a webhook call presents.
+#[derive(Debug, thiserror::Error)]
+enum KeysUnavailable {
+    #[error("webhook.key is not configured")]
+    NotConfigured,
+    #[error("webhook key: {0}")]
+    Secret(#[from] SecretError),
+}
+
 impl DirectorySync {
-    async fn keys(&self) -> Result<&WebhookKeys, String> {
+    /// The accepted keys, read on first use; a failed read is tried again on the next call.
+    async fn keys(&self) -> Result<&WebhookKeys, KeysUnavailable> {
         if let Some(keys) = self.keys.get() {
             return Ok(keys);
         }
@@ -98,14 +108,14 @@ impl DirectorySync {
             .config
             .webhook
             .as_ref()
-            .ok_or("webhook.key is not configured")?;
+            .ok_or(KeysUnavailable::NotConfigured)?;
         self.keys
             .get_or_try_init(|| async {
                 let mut keys: Vec<Secret> = vec![webhook.key.resolve(self.secrets.as_ref()).await?];
                 if let Some(next) = &webhook.next_key {
                     keys.push(next.resolve(self.secrets.as_ref()).await?);
                 }
-                Ok::<_, String>(WebhookKeys::new(&keys))
+                Ok::<_, KeysUnavailable>(WebhookKeys::new(&keys))
             })
             .await
     }
@@ -115,6 +125,16 @@ impl DirectorySync {
     pub async fn record_saved(&self, request: WebhookRequest, deadline: Instant) -> Answer {
         let keys = match self.keys().await {
             Ok(keys) => keys,
+            // Secrets Manager throttled or out of reach is not the caller's fault:
+            // 503 is the one answer Dynamics sends again (401 is final), and the
+            // sweep reconciles a save whose retry fails too.
+            Err(KeysUnavailable::Secret(error)) if error.is_transient() => {
+                tracing::warn!(%error, "webhook key out of reach; asking Dynamics to retry");
+                return answer(
+                    503,
+                    json!({"error": "the webhook key cannot be checked now; try again"}),
+                );
+            }
             Err(error) => {
                 tracing::error!(%error, "webhook keys unavailable; refusing every call");
                 return answer(401, json!({"error": "unauthorized"}));

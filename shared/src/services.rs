@@ -352,5 +352,5 @@ pub async fn resolve_secret(
     reference
         .resolve(client.as_ref())
         .await
-        .map_err(StartupError)
+        .map_err(|e| StartupError(e.to_string()))
 }

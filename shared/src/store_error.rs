@@ -29,23 +29,34 @@ impl StoreError {
         E: ProvideErrorMetadata + std::error::Error + 'static,
         R: std::fmt::Debug,
     {
-        let transient = match &error {
-            SdkError::ServiceError(service_error) => {
-                let code = service_error.err().code().unwrap_or_default();
-                code.contains("Throttl")
-                    || code.contains("ProvisionedThroughputExceeded")
-                    || code.contains("RequestLimitExceeded")
-                    || code.contains("TooManyRequests")
-                    || code.contains("InternalServerError")
-                    || code.contains("InternalServiceException")
-                    || code.contains("ServiceUnavailable")
-                    || code.contains("TransactionConflict")
-            }
-            SdkError::ConstructionFailure(_) => false,
-            _ => true,
-        };
+        let transient = is_transient(&error);
         let message = aws_sdk_dynamodb::error::DisplayErrorContext(&error).to_string();
         Self::new(service, message, transient)
+    }
+}
+
+/// Throttling, timeouts, 5xx and a connection that did not happen can pass; a
+/// missing resource, a refused permission or a bad request will not.
+pub fn is_transient<E, R>(error: &SdkError<E, R>) -> bool
+where
+    E: ProvideErrorMetadata,
+{
+    match error {
+        SdkError::ServiceError(service_error) => {
+            let code = service_error.err().code().unwrap_or_default();
+            code.contains("Throttl")
+                || code.contains("ProvisionedThroughputExceeded")
+                || code.contains("RequestLimitExceeded")
+                || code.contains("TooManyRequests")
+                || code.contains("InternalServerError")
+                || code.contains("InternalServiceException")
+                // Secrets Manager's name for its own 500.
+                || code.contains("InternalServiceError")
+                || code.contains("ServiceUnavailable")
+                || code.contains("TransactionConflict")
+        }
+        SdkError::ConstructionFailure(_) => false,
+        _ => true,
     }
 }
 

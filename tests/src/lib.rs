@@ -443,6 +443,16 @@ pub fn lifecycle_with_stored_secret(
     aws: &AwsResources,
     secret_id: &str,
 ) -> shared::lifecycle::Lifecycle {
+    lifecycle_with_secret_at(emulator, aws, secret_id, &aws_endpoint())
+}
+
+/// As [`lifecycle_with_stored_secret`], Secrets Manager reached at `endpoint`.
+pub fn lifecycle_with_secret_at(
+    emulator: &Emulator,
+    aws: &AwsResources,
+    secret_id: &str,
+    endpoint: &str,
+) -> shared::lifecycle::Lifecycle {
     let yaml = config_yaml(emulator).replace(
         "{ client_secret: { env: CONNECT_DYNAMICS_TEST_SECRET } }",
         &format!("{{ client_secret: {{ secrets_manager: {secret_id} }} }}"),
@@ -455,7 +465,14 @@ pub fn lifecycle_with_stored_secret(
     let authenticator = Authenticator::new(
         http.clone(),
         &config.dynamics,
-        Some(aws_sdk_secretsmanager::Client::new(&aws.sdk).into()),
+        Some(
+            aws_sdk_secretsmanager::Client::from_conf(
+                aws_sdk_secretsmanager::config::Builder::from(&aws.sdk)
+                    .endpoint_url(endpoint)
+                    .build(),
+            )
+            .into(),
+        ),
     );
     let store = token_store(&aws.dynamodb, &aws.token_table, emulator);
     let mut lifecycle = lifecycle(emulator, aws, "");

@@ -307,3 +307,67 @@ async fn the_same_number_in_any_format_finds_the_same_entry_and_ties_follow_the_
     }
     let _ = account;
 }
+
+/// record-saved reading its webhook key from Secrets Manager (moto_server), the
+/// client pointed at `endpoint`.
+async fn sync_with_stored_key(
+    emulator: &dataverse_emulator::Emulator,
+    aws: &AwsResources,
+    secret_id: &str,
+    endpoint: &str,
+) -> DirectorySync {
+    let mut sync = directory_sync(emulator, aws, "", KEY).await;
+    let yaml = format!(
+        "{}webhook:\n  key: {{ secrets_manager: {secret_id} }}\n",
+        e2e::config_yaml(emulator)
+    );
+    sync.config = std::sync::Arc::new(shared::config::Config::from_yaml(&yaml).unwrap());
+    sync.keys = tokio::sync::OnceCell::new();
+    let secrets = aws_sdk_secretsmanager::config::Builder::from(&aws.sdk)
+        .endpoint_url(endpoint)
+        .build();
+    sync.secrets = Some(aws_sdk_secretsmanager::Client::from_conf(secrets).into());
+    sync
+}
+
+#[tokio::test]
+async fn a_webhook_key_store_out_of_reach_asks_dynamics_to_retry_instead_of_refusing() {
+    let emulator = emulator().await;
+    let aws = AwsResources::create().await;
+    let secret_id = format!("webhook-key-{}", Uuid::new_v4());
+    aws_sdk_secretsmanager::Client::new(&aws.sdk)
+        .create_secret()
+        .name(&secret_id)
+        .secret_string(KEY)
+        .send()
+        .await
+        .unwrap();
+    let id = emulator.seed(
+        "contacts",
+        json!({"firstname": "Ines", "lastname": "Duarte", "telephone1": "07700 900321"}),
+    );
+
+    // Secrets Manager unreachable: the key cannot be checked, which is not the
+    // caller's fault. 503 is the one answer Dynamics tries again (401 is final).
+    let unreachable = sync_with_stored_key(&emulator, &aws, &secret_id, "http://127.0.0.1:9").await;
+    let (status, body) = call(&unreachable, Some(KEY), webhook_body("Update", id)).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        !body.to_string().contains(KEY),
+        "the answer never shows the key: {body}"
+    );
+
+    // Reachable: the stored key is read and the same call is applied.
+    let reachable = sync_with_stored_key(&emulator, &aws, &secret_id, &e2e::aws_endpoint()).await;
+    let (status, body) = call(&reachable, Some(KEY), webhook_body("Update", id)).await;
+    assert_eq!(status, 200, "{body}");
+    // A wrong key is still refused for good.
+    let (status, _) = call(&reachable, Some("not-the-key"), webhook_body("Update", id)).await;
+    assert_eq!(status, 401);
+
+    // A secret that does not exist is a deployment mistake, not a passing failure.
+    let missing =
+        sync_with_stored_key(&emulator, &aws, "no-such-secret", &e2e::aws_endpoint()).await;
+    let (status, _) = call(&missing, Some(KEY), webhook_body("Update", id)).await;
+    assert_eq!(status, 401);
+}

@@ -345,6 +345,37 @@ async fn a_secret_rotated_while_containers_are_warm_is_not_an_outage() {
     );
 }
 
+#[tokio::test]
+async fn a_secret_store_out_of_reach_at_a_token_refresh_is_retried_not_dead_lettered() {
+    let emulator = emulator().await;
+    let aws = AwsResources::create().await;
+    let secret_id = format!("dynamics-client-secret-{}", Uuid::new_v4().simple());
+    aws_sdk_secretsmanager::Client::new(&aws.sdk)
+        .create_secret()
+        .name(&secret_id)
+        .secret_string(emulator.options().client_secret.as_str())
+        .send()
+        .await
+        .unwrap();
+    // No token cached yet, and Secrets Manager refuses connections.
+    let cut_off = e2e::lifecycle_with_secret_at(&emulator, &aws, &secret_id, "http://127.0.0.1:9");
+    let answer = flow_with_a_hanging_dependency(&emulator, &aws, &cut_off).await;
+    assert!(
+        aws.dead_letters().await.is_empty(),
+        "a passing outage is not a reason to give up"
+    );
+    // Secrets Manager back: the retry queue makes the record.
+    drain_retries(
+        &e2e::lifecycle_with_stored_secret(&emulator, &aws, &secret_id),
+        &aws,
+    )
+    .await;
+    let records = phonecalls(&emulator);
+    assert_eq!(records.len(), 1, "the record appears");
+    assert_eq!(records[0]["activityid"], answer["dynamics_record_id"]);
+    assert!(aws.dead_letters().await.is_empty());
+}
+
 /// The flow's answer within budget + 1 s, whatever hangs; then, with the dependency
 /// back, the retry queue makes the record.
 async fn flow_with_a_hanging_dependency(
