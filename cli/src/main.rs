@@ -117,11 +117,7 @@ async fn validate_live(config: Config) -> Result<(), String> {
 
 /// The client secret (or certificate key) the configuration points at.
 async fn resolve_credential(config: &Config) -> Result<Secret, String> {
-    let reference = match &config.dynamics.credential {
-        shared::config::Credential::ClientSecret(reference) => reference,
-        shared::config::Credential::Certificate { private_key, .. } => private_key,
-    };
-    shared::services::resolve_secret(reference)
+    shared::services::resolve_secret(config.dynamics.credential.secret())
         .await
         .map_err(|e| e.to_string())
 }

@@ -9,9 +9,8 @@ use serde::Deserialize;
 use tokio::sync::Mutex;
 use url::Url;
 
-use crate::config::{Credential, DynamicsConfig, SecretError};
 use crate::on_demand::OnDemand;
-use crate::secret::Secret;
+use crate::secret::{Credential, Secret, SecretError};
 
 /// A bearer token and when it stops being valid.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,6 +97,17 @@ struct TokenErrorAnswer {
     error_description: String,
 }
 
+/// The application registration tokens are requested for.
+#[derive(Debug, Clone)]
+pub struct EntraApp {
+    /// The tenant's v2.0 token endpoint.
+    pub token_url: Url,
+    pub client_id: String,
+    /// `<org>/.default`.
+    pub scope: String,
+    pub credential: Credential,
+}
+
 /// Requests tokens from Entra ID. The secret (or private key) is read lazily, on
 /// the first token request, so a container served from the token cache never
 /// calls Secrets Manager at all.
@@ -127,15 +137,21 @@ impl std::fmt::Debug for Authenticator {
 impl Authenticator {
     pub fn new(
         http: reqwest::Client,
-        config: &DynamicsConfig,
+        app: EntraApp,
         secrets: Option<OnDemand<aws_sdk_secretsmanager::Client>>,
     ) -> Self {
+        let EntraApp {
+            token_url,
+            client_id,
+            scope,
+            credential,
+        } = app;
         Self {
             http,
-            token_url: config.token_url.clone(),
-            client_id: config.client_id.clone(),
-            scope: config.scope.clone(),
-            credential: config.credential.clone(),
+            token_url,
+            client_id,
+            scope,
+            credential,
             secrets,
             secret: Mutex::default(),
             pinned: false,

@@ -12,13 +12,13 @@ use serde_json::{Value, json};
 use tokio::sync::OnceCell;
 use uuid::Uuid;
 
-use crate::config::{Config, SecretError};
+use crate::config::Config;
 use crate::dataverse::{Change, DataverseClient, DataverseError};
 use crate::directory::{CallerDirectory, WriteOutcome};
 use crate::handoff::{DeadLetter, Handoff};
 use crate::mapping::EntityMapping;
 use crate::on_demand::OnDemand;
-use crate::secret::Secret;
+use crate::secret::{Secret, SecretError};
 use crate::store_error::StoreError;
 use crate::webhook::{self, Message, Refusal, WebhookKeys};
 

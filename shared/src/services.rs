@@ -171,7 +171,11 @@ async fn common() -> Result<Common, StartupError> {
         .map_err(|e| StartupError(e.to_string()))?;
     check_stack_parameters(&config)?;
     let secrets = OnDemand::aws(&aws, aws_sdk_secretsmanager::Client::new);
-    let authenticator = Authenticator::new(http.clone(), &config.dynamics, Some(secrets.clone()));
+    let authenticator = Authenticator::new(
+        http.clone(),
+        config.dynamics.entra_app(),
+        Some(secrets.clone()),
+    );
     let dynamics = &config.dynamics;
     let tokens = TokenStore::new(
         dynamodb.clone(),
@@ -293,7 +297,7 @@ pub fn local_lifecycle(
         .https_client()
         .map_err(|e| StartupError(e.to_string()))?;
     let authenticator =
-        Authenticator::new(http.clone(), &config.dynamics, None).with_secret(secret);
+        Authenticator::new(http.clone(), config.dynamics.entra_app(), None).with_secret(secret);
     let dynamics = &config.dynamics;
     let dataverse = dataverse_client(http, dynamics, TokenCache::new(authenticator, None));
     Ok(Lifecycle {
@@ -336,10 +340,10 @@ pub fn local_directory_sync(
 /// Resolves a secret reference for a command-line run (environment, or Secrets
 /// Manager with the standard AWS configuration).
 pub async fn resolve_secret(
-    reference: &crate::config::SecretRef,
+    reference: &crate::secret::SecretRef,
 ) -> Result<crate::secret::Secret, StartupError> {
     let client = match reference {
-        crate::config::SecretRef::SecretsManager(_) => {
+        crate::secret::SecretRef::SecretsManager(_) => {
             let http = TlsRoots::from_env()
                 .map_err(|e| StartupError(e.to_string()))?
                 .https_client()
@@ -347,7 +351,7 @@ pub async fn resolve_secret(
             let aws = crate::aws_http::config_loader(&http).load().await;
             Some(aws_sdk_secretsmanager::Client::new(&aws).into())
         }
-        crate::config::SecretRef::Env(_) => None,
+        crate::secret::SecretRef::Env(_) => None,
     };
     reference
         .resolve(client.as_ref())

@@ -130,7 +130,7 @@ pub fn client_via(emulator: &Emulator, base: &str, store: Option<TokenStore>) ->
         .expect("built-in roots")
         .https_client()
         .expect("http client");
-    let authenticator = Authenticator::new(http.clone(), &config.dynamics, None)
+    let authenticator = Authenticator::new(http.clone(), config.dynamics.entra_app(), None)
         .with_secret(Secret::new(emulator.options().client_secret.as_str()));
     let retry = RetryPolicy {
         max_attempts: 8,
@@ -464,7 +464,7 @@ pub fn lifecycle_with_secret_at(
         .expect("http client");
     let authenticator = Authenticator::new(
         http.clone(),
-        &config.dynamics,
+        config.dynamics.entra_app(),
         Some(
             aws_sdk_secretsmanager::Client::from_conf(
                 aws_sdk_secretsmanager::config::Builder::from(&aws.sdk)

@@ -540,8 +540,9 @@ async fn wrong_secret_is_a_permanent_credential_error() {
         .expect("built-in roots")
         .https_client()
         .unwrap();
-    let authenticator = shared::auth::Authenticator::new(http.clone(), &config.dynamics, None)
-        .with_secret(shared::secret::Secret::new("wrong"));
+    let authenticator =
+        shared::auth::Authenticator::new(http.clone(), config.dynamics.entra_app(), None)
+            .with_secret(shared::secret::Secret::new("wrong"));
     let client = shared::dataverse::DataverseClient::new(
         http,
         config.dynamics.api_base.clone(),
@@ -581,9 +582,10 @@ async fn certificate_credentials_sign_a_client_assertion() {
         .expect("built-in roots")
         .https_client()
         .unwrap();
-    let authenticator = shared::auth::Authenticator::new(http, &config.dynamics, None).with_secret(
-        shared::secret::Secret::new(include_str!("../../fixtures/test-certificate-key.pem")),
-    );
+    let authenticator = shared::auth::Authenticator::new(http, config.dynamics.entra_app(), None)
+        .with_secret(shared::secret::Secret::new(include_str!(
+            "../../fixtures/test-certificate-key.pem"
+        )));
     let token = authenticator.request_token().await.unwrap();
     assert!(token.expires_at > 0);
     assert_eq!(emulator.token_requests(), 1);
@@ -595,9 +597,10 @@ async fn certificate_credentials_sign_a_client_assertion() {
         .expect("built-in roots")
         .https_client()
         .unwrap();
-    let authenticator = shared::auth::Authenticator::new(http, &config.dynamics, None).with_secret(
-        shared::secret::Secret::new(include_str!("../../fixtures/test-certificate-key.pem")),
-    );
+    let authenticator = shared::auth::Authenticator::new(http, config.dynamics.entra_app(), None)
+        .with_secret(shared::secret::Secret::new(include_str!(
+            "../../fixtures/test-certificate-key.pem"
+        )));
     let error = authenticator.request_token().await.unwrap_err();
     assert!(
         error.is_refused_credential() && error.to_string().contains("invalid_client"),
