@@ -287,6 +287,7 @@ pub async fn recording_available(
     {
         Ok(facts) => facts,
         Err(reason) => {
+            let reason = format!("{reason}: {}", parsed.detail.object.key);
             return Ok(skip(lifecycle, reason, started));
         }
     };

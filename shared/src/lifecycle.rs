@@ -1137,15 +1137,16 @@ impl Lifecycle {
         Ok(())
     }
 
-    /// Facts of an S3 `Object Created` event: the link, and the transcript text when wanted.
+    /// Facts of an S3 `Object Created` event: the link, and the transcript text when
+    /// wanted; `Ok(Err)` for a key that is not ours to handle.
     pub async fn recording_facts(
         &self,
         detail: &ObjectCreatedDetail,
         region: Option<&str>,
-    ) -> Result<Result<StepFacts, String>, StoreError> {
+    ) -> Result<Result<StepFacts, recording::KeyError>, StoreError> {
         let key = match recording::classify(&detail.object.key) {
             Ok(key) => key,
-            Err(reason) => return Ok(Err(format!("{reason}: {}", detail.object.key))),
+            Err(reason) => return Ok(Err(reason)),
         };
         let mut values = Map::new();
         values.insert(

@@ -15,6 +15,7 @@ use tokio::sync::Mutex;
 
 use crate::auth::{AccessToken, Authenticator, TokenError, unix_now};
 use crate::secret::Secret;
+use crate::store_error::{StoreError, is_condition_failure};
 
 /// A token is used until this long before it expires.
 pub const DEFAULT_REFRESH_MARGIN: Duration = Duration::from_secs(300);
@@ -75,7 +76,7 @@ impl TokenStore {
         self
     }
 
-    async fn read(&self) -> Result<Option<AccessToken>, String> {
+    async fn read(&self) -> Result<Option<AccessToken>, StoreError> {
         let item = self
             .client
             .get_item()
@@ -84,12 +85,12 @@ impl TokenStore {
             .consistent_read(true)
             .send()
             .await
-            .map_err(|e| aws_sdk_dynamodb::error::DisplayErrorContext(e).to_string())?;
+            .map_err(|e| StoreError::from_sdk("DynamoDB", e))?;
         Ok(item.item.as_ref().and_then(token_from_item))
     }
 
     /// Takes the refresh lease unless a fresh token exists or a live lease is held.
-    async fn try_lease(&self, owner: &str, margin: Duration) -> Result<bool, String> {
+    async fn try_lease(&self, owner: &str, margin: Duration) -> Result<bool, StoreError> {
         let now_ms = unix_millis();
         let result = self
             .client
@@ -108,14 +109,14 @@ impl TokenStore {
             .await;
         match result {
             Ok(_) => Ok(true),
-            Err(error) if is_conditional_check_failure(&error) => Ok(false),
-            Err(error) => Err(aws_sdk_dynamodb::error::DisplayErrorContext(error).to_string()),
+            Err(error) if is_condition_failure(&error) => Ok(false),
+            Err(error) => Err(StoreError::from_sdk("DynamoDB", error)),
         }
     }
 
     /// Stores a new token and drops the lease, unless the table already holds a
     /// token that lives longer.
-    async fn write(&self, token: &AccessToken) -> Result<(), String> {
+    async fn write(&self, token: &AccessToken) -> Result<(), StoreError> {
         let result = self
             .client
             .put_item()
@@ -135,7 +136,7 @@ impl TokenStore {
     }
 
     /// Gives the lease back after a failed refresh, so the next container need not wait it out.
-    async fn release(&self, owner: &str) -> Result<(), String> {
+    async fn release(&self, owner: &str) -> Result<(), StoreError> {
         let result = self
             .client
             .update_item()
@@ -151,7 +152,7 @@ impl TokenStore {
 
     /// Removes a token Dataverse refused, but only that one: a newer token another
     /// container wrote meanwhile stays.
-    async fn discard(&self, token: &AccessToken) -> Result<(), String> {
+    async fn discard(&self, token: &AccessToken) -> Result<(), StoreError> {
         let result = self
             .client
             .delete_item()
@@ -168,28 +169,18 @@ impl TokenStore {
     }
 }
 
-fn is_conditional_check_failure<E, R>(error: &aws_sdk_dynamodb::error::SdkError<E, R>) -> bool
-where
-    E: aws_sdk_dynamodb::error::ProvideErrorMetadata,
-{
-    error
-        .as_service_error()
-        .and_then(|e| e.code())
-        .is_some_and(|code| code == "ConditionalCheckFailedException")
-}
-
 /// A conditional write whose condition did not hold changed nothing, on purpose.
 fn ignore_lost_condition<T, E, R>(
     result: Result<T, aws_sdk_dynamodb::error::SdkError<E, R>>,
-) -> Result<(), String>
+) -> Result<(), StoreError>
 where
     E: aws_sdk_dynamodb::error::ProvideErrorMetadata + std::error::Error + 'static,
     R: std::fmt::Debug,
 {
     match result {
         Ok(_) => Ok(()),
-        Err(error) if is_conditional_check_failure(&error) => Ok(()),
-        Err(error) => Err(aws_sdk_dynamodb::error::DisplayErrorContext(error).to_string()),
+        Err(error) if is_condition_failure(&error) => Ok(()),
+        Err(error) => Err(StoreError::from_sdk("DynamoDB", error)),
     }
 }
 
@@ -317,7 +308,11 @@ impl TokenCache {
     }
 
     /// The table is unreachable: availability beats saving a token request.
-    async fn fallback(&self, error: &str, deadline: Instant) -> Result<AccessToken, TokenError> {
+    async fn fallback(
+        &self,
+        error: &StoreError,
+        deadline: Instant,
+    ) -> Result<AccessToken, TokenError> {
         tracing::warn!(%error, "shared token cache unavailable; requesting a token directly");
         self.request_token(deadline).await
     }
