@@ -1,7 +1,7 @@
 //! OAuth 2.0 client credentials against the Microsoft Entra ID v2 token endpoint.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -9,6 +9,7 @@ use serde::Deserialize;
 use tokio::sync::Mutex;
 use url::Url;
 
+use crate::clock::unix_now;
 use crate::on_demand::OnDemand;
 use crate::secret::{Credential, Secret, SecretError};
 
@@ -25,12 +26,6 @@ impl AccessToken {
     pub fn is_fresh(&self, margin: Duration) -> bool {
         self.expires_at > unix_now() + margin.as_secs()
     }
-}
-
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 #[derive(Debug, Clone, thiserror::Error)]

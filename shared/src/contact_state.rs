@@ -7,13 +7,14 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
+use crate::clock::{unix_millis, unix_now};
 use crate::connect::{Source, Step, StepFacts};
 use crate::directory::Customer;
 use crate::store_error::{StoreError, is_condition_failure};
@@ -172,12 +173,6 @@ pub enum ContactStateStore {
     Memory(Mutex<HashMap<Uuid, MemoryItem>>),
 }
 
-fn unix_millis() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 impl ContactStateStore {
     pub fn dynamodb(client: aws_sdk_dynamodb::Client, table: impl Into<String>) -> Self {
         Self::DynamoDb {
@@ -293,10 +288,7 @@ impl ContactStateStore {
             Self::DynamoDb { client, table } => {
                 let json = serde_json::to_string(state)
                     .map_err(|e| StoreError::new("DynamoDB", e.to_string(), false))?;
-                let ttl = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs())
-                    + u64::from(ttl_days) * 86_400;
+                let ttl = unix_now() + u64::from(ttl_days) * 86_400;
                 let result = client
                     .put_item()
                     .table_name(table)

@@ -793,9 +793,7 @@ async fn batch_read(
 /// The stamp of a write made now: Unix milliseconds, like a sweep pass's stamp, so
 /// a pass counts every write made after it started as seen.
 pub(crate) fn now_stamp() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    crate::clock::unix_millis()
 }
 
 /// Waits before sending a batch's unprocessed part again; after the last retry, an

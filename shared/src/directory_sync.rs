@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use aws_sdk_dynamodb::types::AttributeValue;
 use serde::{Deserialize, Serialize};
@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 use tokio::sync::OnceCell;
 use uuid::Uuid;
 
+use crate::clock::unix_now;
 use crate::config::Config;
 use crate::dataverse::{Change, DataverseClient, DataverseError};
 use crate::directory::{CallerDirectory, WriteOutcome};
@@ -72,12 +73,6 @@ pub struct Answer {
 
 fn answer(status: u16, body: Value) -> Answer {
     Answer { status, body }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// What a webhook request brings, whatever the transport.

@@ -13,8 +13,9 @@ use time::OffsetDateTime;
 use crate::connect::{ContactEventDetail, FlowEvent, ObjectCreatedDetail};
 use crate::directory_sync::{DirectoryRetry, DirectorySync, WebhookRequest};
 use crate::handoff::{DeadLetter, RetryMessage};
-use crate::lifecycle::{HandoffFailed, Lifecycle, Outcome, Report};
+use crate::lifecycle::{HandoffFailed, Lifecycle};
 use crate::observe;
+use crate::outcome::{Outcome, Report};
 use crate::store_error::StoreError;
 
 #[derive(Debug, thiserror::Error)]

@@ -37,9 +37,7 @@ impl RetryMessage {
             contact_id: facts.contact_id,
             facts: Some(facts),
             attempt: 0,
-            first_seen: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
+            first_seen: crate::clock::unix_now(),
             reason: String::new(),
             close_due: false,
         }

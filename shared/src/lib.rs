@@ -3,6 +3,7 @@
 pub mod agents;
 pub mod auth;
 pub mod aws_http;
+pub mod clock;
 pub mod config;
 pub mod connect;
 pub mod connect_users;
@@ -16,6 +17,7 @@ pub mod lifecycle;
 pub mod mapping;
 pub mod observe;
 pub mod on_demand;
+pub mod outcome;
 pub mod phone;
 pub mod recording;
 pub mod schema_check;

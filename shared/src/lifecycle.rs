@@ -12,12 +12,13 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
 use crate::agents::AgentResolver;
+use crate::clock::unix_now;
 use crate::config::{Config, CustomerBinding};
 use crate::connect::{ObjectCreatedDetail, Source, Step, StepFacts, record_id};
 use crate::contact_state::{ContactState, ContactStateStore};
@@ -26,6 +27,7 @@ use crate::dataverse::{DataverseClient, DataverseError};
 use crate::directory::{CallerDirectory, Customer, best_match};
 use crate::handoff::{DeadLetter, Handoff, RefusedColumn, RetryMessage};
 use crate::on_demand::OnDemand;
+use crate::outcome::{Outcome, Report};
 use crate::recording::{self, RecordingKind};
 use crate::store_error::StoreError;
 
@@ -41,46 +43,6 @@ pub struct Lifecycle {
     pub function: &'static str,
     /// First retry delay; doubles per attempt up to SQS's 15 minutes.
     pub retry_base_delay: Duration,
-}
-
-/// What became of one event.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Outcome {
-    /// Everything known about the contact is in Dynamics.
-    Applied,
-    /// Handed to the retry queue: Dynamics unavailable, the creation not seen yet, or the contact busy.
-    Deferred { reason: String },
-    /// Can never succeed: sent to the dead-letter queue with this reason.
-    DeadLettered { reason: String },
-    /// Not ours to handle (an unused event type, a file that is not a recording).
-    Skipped { reason: String },
-}
-
-impl Outcome {
-    pub fn label(&self) -> &'static str {
-        match self {
-            Self::Applied => "applied",
-            Self::Deferred { .. } => "deferred",
-            Self::DeadLettered { .. } => "dead_lettered",
-            Self::Skipped { .. } => "skipped",
-        }
-    }
-}
-
-/// One event's result, for the flow answer and the event's log line.
-#[derive(Debug, Clone)]
-pub struct Report {
-    pub contact_id: Option<Uuid>,
-    pub step: Option<Step>,
-    pub record_id: Option<Uuid>,
-    pub customer: Option<Customer>,
-    pub outcome: Outcome,
-    pub dataverse_requests: u64,
-    pub dataverse_retries: u64,
-    pub dataverse_throttled: u64,
-    /// What this event had to leave out of the record: optional parts (`customer_link`,
-    /// `owner`) and columns Dataverse refused (`column:<name>`).
-    pub degraded: Vec<String>,
 }
 
 /// Failure to even hand the work off: the trigger must deliver the event again.
@@ -103,12 +65,6 @@ impl From<DataverseError> for ApplyError {
             Self::Permanent(error.to_string())
         }
     }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// Dataverse's `notetext` holds at most this many characters; the contact state

@@ -1,10 +1,10 @@
 //! One structured line per event, and CloudWatch metrics in embedded metric format.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde_json::json;
 
-use crate::lifecycle::{Outcome, Report};
+use crate::outcome::{Outcome, Report};
 
 /// JSON logs in Lambda (CloudWatch parses them), readable text on a terminal.
 pub fn init_logging() {
@@ -54,9 +54,7 @@ pub fn record(function: &str, report: &Report, elapsed: Duration) {
 
 /// The embedded-metric-format document CloudWatch turns into metrics.
 pub fn metrics_document(function: &str, report: &Report, elapsed: Duration) -> serde_json::Value {
-    let timestamp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let timestamp = crate::clock::unix_millis();
     let count = |yes: bool| u64::from(yes);
     json!({
         "_aws": {

@@ -8,12 +8,13 @@
 //! container takes over.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use aws_sdk_dynamodb::types::AttributeValue;
 use tokio::sync::Mutex;
 
-use crate::auth::{AccessToken, Authenticator, TokenError, unix_now};
+use crate::auth::{AccessToken, Authenticator, TokenError};
+use crate::clock::{unix_millis, unix_now};
 use crate::secret::Secret;
 use crate::store_error::{StoreError, is_condition_failure};
 
@@ -186,12 +187,6 @@ where
 
 fn number(value: u64) -> AttributeValue {
     AttributeValue::N(value.to_string())
-}
-
-fn unix_millis() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn token_from_item(item: &HashMap<String, AttributeValue>) -> Option<AccessToken> {
