@@ -81,51 +81,38 @@ where
     F: Fn(&'static S, Value, Instant) -> Fut,
     Fut: Future<Output = Result<Value, HandlerError>>,
 {
-    tokio::runtime::Builder::new_current_thread()
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build()?
-        .block_on(serve(function, build, handler))
-}
-
-async fn serve<S, B, BFut, F, Fut>(
-    function: &'static str,
-    build: B,
-    handler: F,
-) -> Result<(), lambda_runtime::Error>
-where
-    S: Send + Sync + 'static,
-    B: FnOnce(&'static str) -> BFut,
-    BFut: Future<Output = Result<S, StartupError>>,
-    F: Fn(&'static S, Value, Instant) -> Fut,
-    Fut: Future<Output = Result<Value, HandlerError>>,
-{
-    crate::observe::init_logging();
-    let services: &'static S = match build(function).await {
-        // Lives as long as the container.
-        Ok(services) => Box::leak(Box::new(services)),
-        Err(error) => {
-            tracing::error!(%error, "startup failed");
-            return Err(error.into());
-        }
-    };
-    let handler = &handler;
-    lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| async move {
-        handler(
-            services,
-            event.payload,
-            deadline_from(event.context.deadline()),
-        )
+        .build()?;
+    runtime.block_on(async move {
+        crate::observe::init_logging();
+        let services: &'static S = match build(function).await {
+            // Lives as long as the container.
+            Ok(services) => Box::leak(Box::new(services)),
+            Err(error) => {
+                tracing::error!(%error, "startup failed");
+                return Err(error.into());
+            }
+        };
+        let handler = &handler;
+        lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| async move {
+            handler(
+                services,
+                event.payload,
+                deadline_from(event.context.deadline()),
+            )
+            .await
+            .map_err(|error| lambda_runtime::Diagnostic {
+                error_type: match error {
+                    HandlerError::Malformed(_) => "MalformedEvent".into(),
+                    HandlerError::Retry(_) => "HandoffFailed".into(),
+                    HandlerError::Unfinished(_) => "Unfinished".into(),
+                },
+                error_message: error.to_string(),
+            })
+        }))
         .await
-        .map_err(|error| lambda_runtime::Diagnostic {
-            error_type: match error {
-                HandlerError::Malformed(_) => "MalformedEvent".into(),
-                HandlerError::Retry(_) => "HandoffFailed".into(),
-                HandlerError::Unfinished(_) => "Unfinished".into(),
-            },
-            error_message: error.to_string(),
-        })
-    }))
-    .await
+    })
 }
 
 /// Clients shared by every function: AWS config, S3 for the config document, the

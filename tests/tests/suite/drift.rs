@@ -302,19 +302,29 @@ async fn webhooks_during_a_paused_reconciliation_are_kept_when_it_completes() {
     );
 }
 
-#[tokio::test]
-async fn a_secret_rotated_while_containers_are_warm_is_not_an_outage() {
-    let emulator = emulator().await;
-    let aws = AwsResources::create().await;
-    let secrets = aws_sdk_secretsmanager::Client::new(&aws.sdk);
+/// The emulator's client secret, stored in Secrets Manager (moto_server) under a
+/// fresh id.
+async fn store_client_secret(
+    emulator: &dataverse_emulator::Emulator,
+    aws: &AwsResources,
+) -> String {
     let secret_id = format!("dynamics-client-secret-{}", Uuid::new_v4().simple());
-    secrets
+    aws_sdk_secretsmanager::Client::new(&aws.sdk)
         .create_secret()
         .name(&secret_id)
         .secret_string(emulator.options().client_secret.as_str())
         .send()
         .await
         .unwrap();
+    secret_id
+}
+
+#[tokio::test]
+async fn a_secret_rotated_while_containers_are_warm_is_not_an_outage() {
+    let emulator = emulator().await;
+    let aws = AwsResources::create().await;
+    let secrets = aws_sdk_secretsmanager::Client::new(&aws.sdk);
+    let secret_id = store_client_secret(&emulator, &aws).await;
     let lifecycle = e2e::lifecycle_with_stored_secret(&emulator, &aws, &secret_id);
     run_contact(&lifecycle, &aws).await;
 
@@ -349,14 +359,7 @@ async fn a_secret_rotated_while_containers_are_warm_is_not_an_outage() {
 async fn a_secret_store_out_of_reach_at_a_token_refresh_is_retried_not_dead_lettered() {
     let emulator = emulator().await;
     let aws = AwsResources::create().await;
-    let secret_id = format!("dynamics-client-secret-{}", Uuid::new_v4().simple());
-    aws_sdk_secretsmanager::Client::new(&aws.sdk)
-        .create_secret()
-        .name(&secret_id)
-        .secret_string(emulator.options().client_secret.as_str())
-        .send()
-        .await
-        .unwrap();
+    let secret_id = store_client_secret(&emulator, &aws).await;
     // No token cached yet, and Secrets Manager refuses connections.
     let cut_off = e2e::lifecycle_with_secret_at(&emulator, &aws, &secret_id, "http://127.0.0.1:9");
     let answer = flow_with_a_hanging_dependency(&emulator, &aws, &cut_off).await;
